@@ -1,0 +1,14 @@
+"""quantkit: post-training quantization of diffusion models and Mixture-of-Experts language models."""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+
+def load(path, device: str = "cpu"):
+    """Load a quantkit checkpoint folder; returns the same class the model was (a pipeline for a pipeline)."""
+    from quantkit.io import load as _load
+
+    return _load(path, device)
+
+
+__all__ = ["load", "__version__"]

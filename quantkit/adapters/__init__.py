@@ -1,0 +1,26 @@
+"""Model-family adapters and how to pick one for a module."""
+from __future__ import annotations
+
+from torch import nn
+
+from quantkit.adapters.base import CallArgs, ModelAdapter, is_fused_experts, supported_experts_layout
+from quantkit.adapters.dit import DiTAdapter
+from quantkit.adapters.moe_lm import CausalLMAdapter
+from quantkit.adapters.unet import UNetAdapter
+from quantkit.errors import QuantkitError
+
+ADAPTERS: tuple[type[ModelAdapter], ...] = (UNetAdapter, DiTAdapter, CausalLMAdapter)
+
+
+def adapter_for(root: nn.Module) -> ModelAdapter:
+    """The adapter whose `matches` accepts `root`."""
+    for cls in ADAPTERS:
+        if cls.matches(root):
+            return cls()
+    raise QuantkitError(
+        f"no adapter for {type(root).__name__}; supported: diffusers UNet2DModel/UNet2DConditionModel, "
+        "DiT/PixArt transformers, transformers causal LMs (Mixtral, Qwen-MoE, OLMoE, DeepSeek-V3)"
+    )
+
+
+__all__ = ["ADAPTERS", "CallArgs", "ModelAdapter", "adapter_for", "is_fused_experts", "supported_experts_layout"]

@@ -1,0 +1,103 @@
+"""QuantizedWeight: packed codes + scales of one weight, the in-memory and the on-disk form."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from quantkit.formats import fp8, integer, mxfp4
+from quantkit.formats.packing import pack, unpack
+from quantkit.formats.spec import FormatSpec
+
+# Scales of int and fp8 weights are stored in fp16: 16 bits per group is what "4.125 bits per
+# weight at g128" counts. The codes are computed against the rounded scale, so the stored
+# checkpoint dequantizes to exactly what was evaluated.
+WEIGHT_SCALE_DTYPE = torch.float16
+
+
+@dataclass
+class QuantizedWeight:
+    """A weight [..., N, K] quantized along K (the input dimension).
+
+    packed: uint8 [..., N, ceil(K*bits/8)] codes, bit-packed along K (see formats/packing.py).
+    scale:  int/fp8: fp16 [..., N, G] (G = K/group_size, 1 per channel; all-ones dims per tensor);
+            mxfp4: uint8 E8M0 exponents [..., N, K/32].
+    zero:   uint8 [..., N, G] integer zero points for asymmetric int, else None.
+    """
+
+    packed: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor | None
+    shape: tuple[int, ...]
+    spec: FormatSpec
+
+    @classmethod
+    def quantize(cls, w: torch.Tensor, spec: FormatSpec) -> "QuantizedWeight":
+        """Round-to-nearest quantization of `w` [..., N, K]."""
+        codes, scale, zero = quantize_codes(w, spec)
+        return cls.from_codes(codes, scale, zero, spec)
+
+    @classmethod
+    def from_codes(
+        cls, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, spec: FormatSpec
+    ) -> "QuantizedWeight":
+        return cls(pack(codes, spec.bits), scale, zero, tuple(codes.shape), spec)
+
+    @property
+    def k(self) -> int:
+        return self.shape[-1]
+
+    def codes(self) -> torch.Tensor:
+        """Unpacked uint8 codes [..., N, K]."""
+        return unpack(self.packed, self.spec.bits, self.k)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Pure-torch reference dequantization to a dense [..., N, K] tensor."""
+        return dequantize_codes(self.codes(), self.scale, self.zero, self.spec, dtype)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {"qweight": self.packed, "scale": self.scale}
+        if self.zero is not None:
+            out["zero"] = self.zero
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    def select(self, index: int) -> "QuantizedWeight":
+        """One slice along the leading dimension (one expert of a 3-D expert weight)."""
+        return QuantizedWeight(
+            self.packed[index],
+            self.scale[index] if self.scale.shape[0] == self.shape[0] else self.scale[0],
+            None if self.zero is None else self.zero[index],
+            self.shape[1:],
+            self.spec,
+        )
+
+
+def quantize_codes(
+    w: torch.Tensor, spec: FormatSpec
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Unpacked codes, scale, zero of `w` [..., N, K] by round-to-nearest."""
+    if spec.kind == "int":
+        return integer.quantize_int(w, spec, WEIGHT_SCALE_DTYPE)
+    if spec.kind == "mxfp4":
+        codes, exps = mxfp4.quantize_mxfp4(w, spec)
+        return codes, exps, None
+    if spec.kind == "fp8":
+        codes, scale = fp8.quantize_fp8(w, spec, WEIGHT_SCALE_DTYPE)
+        return codes, scale, None
+    raise ValueError(f"format {spec.kind!r} is not a weight format")
+
+
+def dequantize_codes(
+    codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, spec: FormatSpec, dtype: torch.dtype
+) -> torch.Tensor:
+    if spec.kind == "int":
+        return integer.dequantize_int(codes, scale, zero, spec, dtype)
+    if spec.kind == "mxfp4":
+        return mxfp4.dequantize_mxfp4(codes, scale, dtype)
+    if spec.kind == "fp8":
+        return fp8.dequantize_fp8(codes, scale, spec, dtype)
+    raise ValueError(f"format {spec.kind!r} is not a weight format")

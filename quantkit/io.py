@@ -1,0 +1,238 @@
+"""quantkit checkpoints: save and load (safetensors and JSON only; never pickle).
+
+Layout (see docs/checkpoint-format.md):
+  OUT/                      the source folder's own config / tokenizer / scheduler files
+  OUT/quantization.json     format version, quantkit version, recipe, per-layer specs, calibration
+  OUT/[component/]quantized.safetensors   (or quantized-0000i-of-0000n.safetensors + index)
+The quantized weights are named quantized*.safetensors so that a plain from_pretrained refuses the
+folder instead of silently loading random weights.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from quantkit.config import ActivationConfig, Recipe
+from quantkit.errors import QuantkitError
+from quantkit.formats.spec import FormatSpec
+from quantkit.layers import empty_quantized, set_submodule
+from quantkit.models import LoadedModel, folder_kind
+
+log = logging.getLogger(__name__)
+
+FORMAT_NAME = "quantkit-checkpoint"
+FORMAT_VERSION = 1
+QUANT_JSON = "quantization.json"
+WEIGHTS_NAME = "quantized.safetensors"
+INDEX_NAME = "quantized.safetensors.index.json"
+DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5")
+
+
+def _is_weight_file(name: str) -> bool:
+    return name.endswith(_WEIGHT_SUFFIXES) or name.endswith(".index.json")
+
+
+def check_output_dir(out: Path, overwrite: bool) -> None:
+    """Fail early (before any work) if `out` holds something that would be lost."""
+    if out.exists() and not out.is_dir():
+        raise QuantkitError(f"output path {out} exists and is not a folder; choose another --out")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise QuantkitError(f"output folder {out} is not empty; choose another --out or pass --overwrite")
+
+
+def _copy_source(src: Path, dst: Path, weights_dir: str | None) -> None:
+    """Copy config/tokenizer/scheduler files; drop the weights of the quantized module."""
+
+    def ignore(folder: str, names: list[str]) -> list[str]:
+        rel = os.path.relpath(folder, src)
+        rel = "" if rel == "." else rel
+        return [n for n in names if _is_weight_file(n) and rel == (weights_dir or "")]
+
+    shutil.copytree(src, dst, ignore=ignore)
+
+
+def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors sharing storage (tied weights) are stored once; `tied` maps alias -> stored name."""
+    seen: dict[tuple, str] = {}
+    out, tied = {}, {}
+    for k, v in state.items():
+        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), v.dtype)
+        if v.numel() and key in seen:
+            tied[k] = seen[key]
+            continue
+        seen[key] = k
+        out[k] = v.detach().contiguous().cpu()
+    return out, tied
+
+
+def _write_shards(state: dict[str, torch.Tensor], folder: Path, max_shard_bytes: int) -> list[str]:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for k, v in state.items():
+        nbytes = v.numel() * v.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = v
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+        return [WEIGHTS_NAME]
+    names = [f"quantized-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_map = {}
+    for name, shard in zip(names, shards):
+        save_file(shard, str(folder / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in shard})
+    total = sum(v.numel() * v.element_size() for v in state.values())
+    (folder / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+    return names
+
+
+def save_checkpoint(loaded: LoadedModel, recipe: Recipe, result: Any, out: str | Path, *,
+                    overwrite: bool = False, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
+    """Write the quantized model atomically: a temp folder renamed into place when complete."""
+    import quantkit
+
+    out = Path(out)
+    check_output_dir(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        if loaded.path is not None:
+            _copy_source(loaded.path, tmp, loaded.component)
+        else:
+            tmp.mkdir(parents=True)
+        wdir = tmp / loaded.component if loaded.component else tmp
+        wdir.mkdir(parents=True, exist_ok=True)
+        state, tied = _dedupe(loaded.root.state_dict())
+        files = _write_shards(state, wdir, max_shard_bytes)
+        meta = {
+            "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "quantkit_version": quantkit.__version__,
+            "model": {"source": loaded.source, "kind": folder_kind(loaded.path) if loaded.path else "model",
+                      "class": type(loaded.root).__name__, "component": loaded.component,
+                      "adapter": loaded.adapter.name},
+            "recipe": recipe.to_dict(), "layers": result.layers, "skipped": result.skipped,
+            "calibration": result.calibration, "weights": {"files": files, "tied": tied},
+            "seconds": round(result.seconds, 3),
+        }
+        (tmp / QUANT_JSON).write_text(json.dumps(meta, indent=1))
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    if out.exists():
+        backup = out.parent / f".{out.name}.old-{os.getpid()}"
+        out.rename(backup)
+        tmp.rename(out)
+        shutil.rmtree(backup, ignore_errors=True)
+    else:
+        tmp.rename(out)
+
+
+# ---------------------------------------------------------------------------------------------
+def read_quant_json(ckpt: Path) -> dict[str, Any]:
+    p = ckpt / QUANT_JSON
+    if not p.is_file():
+        raise QuantkitError(f"{ckpt} is not a quantkit checkpoint: {QUANT_JSON} is missing")
+    try:
+        meta = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise QuantkitError(f"{p} is corrupted (not valid JSON: {e})") from None
+    if meta.get("format") != FORMAT_NAME:
+        raise QuantkitError(f"{p} is not a quantkit checkpoint description (format {meta.get('format')!r})")
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise QuantkitError(f"{ckpt} has format version {meta['format_version']}; this quantkit reads up to {FORMAT_VERSION}")
+    return meta
+
+
+def read_state(folder: Path, files: list[str], device: str = "cpu") -> dict[str, torch.Tensor]:
+    """Tensors of the checkpoint's safetensors files; a truncated or corrupted file is a clear error."""
+    state: dict[str, torch.Tensor] = {}
+    for name in files:
+        p = folder / name
+        if not p.is_file():
+            raise QuantkitError(f"checkpoint file {p} is missing")
+        try:
+            with safe_open(str(p), framework="pt", device=device) as f:
+                for k in f.keys():
+                    # clone: a fresh, aligned allocation (mmap views can change BLAS results by an ulp)
+                    state[k] = f.get_tensor(k).clone()
+        except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+            raise QuantkitError(f"checkpoint file {p} is truncated or corrupted ({str(e).splitlines()[0]})") from None
+    return state
+
+
+def _empty_root(folder: Path, kind: str) -> nn.Module:
+    """The model's architecture with parameters on the meta device (no memory, no init cost)."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        if kind in ("pipeline", "diffusers-model"):
+            import diffusers
+
+            cfg = json.loads((folder / "config.json").read_text())
+            cls = getattr(diffusers, cfg["_class_name"])
+            return cls.from_config(cls.load_config(folder))
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
+
+
+def load_quantized_root(ckpt: Path, meta: dict[str, Any], device: str = "cpu") -> nn.Module:
+    comp = meta["model"]["component"]
+    folder = ckpt / comp if comp else ckpt
+    root = _empty_root(folder, meta["model"]["kind"])
+    for name, rec in meta["layers"].items():
+        try:
+            orig = root.get_submodule(name)
+        except AttributeError:
+            raise QuantkitError(f"{ckpt}: layer {name} of quantization.json is not in the model") from None
+        act = ActivationConfig.from_dict(rec["activation"])
+        set_submodule(root, name, empty_quantized(orig, rec["kind"], FormatSpec.from_dict(rec["weight"]), act))
+    state = read_state(folder, meta["weights"]["files"], device)
+    for alias, src in meta["weights"].get("tied", {}).items():
+        state[alias] = state[src]
+    result = root.load_state_dict(state, strict=False, assign=True)
+    if result.missing_keys or result.unexpected_keys:
+        bad = (result.missing_keys or result.unexpected_keys)[0]
+        raise QuantkitError(f"{ckpt} does not match its quantization.json: tensor {bad} is "
+                            f"{'missing' if result.missing_keys else 'unexpected'}")
+    meta_left = [n for n, p in list(root.named_parameters()) + list(root.named_buffers()) if p.is_meta]
+    if meta_left:
+        raise QuantkitError(f"{ckpt}: tensor {meta_left[0]} was not filled by the checkpoint")
+    return root.to(device).eval()
+
+
+def load(path: str | Path, device: str = "cpu") -> Any:
+    """Load a quantkit checkpoint (or a plain model folder) as the class it was saved from."""
+    p = Path(path)
+    if not p.exists():
+        raise QuantkitError(f"checkpoint path {p} does not exist")
+    if not (p / QUANT_JSON).exists():
+        from quantkit.models import load_model
+
+        return load_model(str(p), device).obj
+    meta = read_quant_json(p)
+    root = load_quantized_root(p, meta, device)
+    comp = meta["model"]["component"]
+    if not comp:
+        return root
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(p, local_files_only=True, **{comp: root})
+    return pipe.to(device)

@@ -1,0 +1,149 @@
+"""Finding quantizable layers, building their quantized replacements, and swapping them in."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from quantkit.adapters import ModelAdapter, is_fused_experts, supported_experts_layout
+from quantkit.config import ActivationConfig, LayerPlan, Recipe
+from quantkit.errors import QuantkitError
+from quantkit.formats.qweight import QuantizedWeight
+from quantkit.formats.spec import FormatSpec
+from quantkit.nn import QuantConv2d, QuantExperts, QuantLinear
+from quantkit.quantizers.activation import ActQuantizer
+
+QUANT_MODULES = (QuantLinear, QuantConv2d, QuantExperts)
+
+
+@dataclass
+class LayerTask:
+    """One quantizable layer and what the recipe decided for it."""
+
+    name: str  # full name in the root module
+    module: nn.Module
+    role: str
+    plan: LayerPlan
+
+    @property
+    def kind(self) -> str:
+        if isinstance(self.module, nn.Linear):
+            return "linear"
+        if isinstance(self.module, nn.Conv2d):
+            return "conv2d"
+        return "experts"
+
+
+def is_quantizable(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, nn.Conv2d)) or is_fused_experts(module)
+
+
+def plan_layers(root: nn.Module, adapter: ModelAdapter, recipe: Recipe) -> list[LayerTask]:
+    """Every quantizable layer of `root` with its plan; fails on an expert layout it cannot quantize."""
+    tasks = []
+    for name, module in root.named_modules():
+        if not is_quantizable(module) or isinstance(module, QUANT_MODULES):
+            continue
+        role = adapter.role(name, module)
+        plan = recipe.plan(name, role)
+        task = LayerTask(name, module, role, plan)
+        if task.kind == "experts" and not plan.skip:
+            why = supported_experts_layout(module)
+            if why is not None:
+                raise QuantkitError(
+                    f"expert weights of {name} ({type(module).__name__}) cannot be quantized: {why}; "
+                    f"add a rule {{name: {name}, skip: true}} to keep them in full precision explicitly"
+                )
+        if not plan.skip:
+            k = _reduction_sizes(task)
+            for kk in k:
+                plan.weight.check_k(kk, name)
+            if plan.activation is not None:
+                for kk in k:
+                    plan.activation.format.check_k(kk, f"the input of {name}")
+        tasks.append(task)
+    return tasks
+
+
+def _reduction_sizes(task: LayerTask) -> list[int]:
+    m = task.module
+    if task.kind == "linear":
+        return [m.in_features]
+    if task.kind == "conv2d":
+        return [m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1]]
+    return [m.gate_up_proj.shape[-1], m.down_proj.shape[-1]]
+
+
+def act_channel_dim(task_kind: str) -> int:
+    return 1 if task_kind == "conv2d" else -1
+
+
+def make_act(cfg: ActivationConfig | None, kind: str) -> ActQuantizer | None:
+    if cfg is None:
+        return None
+    return ActQuantizer(cfg.format, cfg.dynamic, act_channel_dim(kind))
+
+
+def conv_act_spec_ok(cfg: ActivationConfig | None, task: LayerTask) -> None:
+    """Conv inputs are quantized along channels; group formats need C divisible by the group size."""
+    if cfg is not None and task.kind == "conv2d" and cfg.format.granularity == "group":
+        cfg.format.check_k(task.module.in_channels, f"the input channels of {task.name}")
+
+
+def build_quantized(task: LayerTask, weights: Any = None) -> nn.Module:
+    """The quantized replacement of `task.module` (round-to-nearest unless `weights` are given).
+
+    weights: a QuantizedWeight for linear/conv, a (gate_up, down) pair for experts.
+    """
+    plan = task.plan
+    conv_act_spec_ok(plan.activation, task)
+    if task.kind == "linear":
+        return QuantLinear.from_linear(task.module, plan.weight, make_act(plan.activation, "linear"), weights)
+    if task.kind == "conv2d":
+        return QuantConv2d.from_conv(task.module, plan.weight, make_act(plan.activation, "conv2d"), weights)
+    gu, dn = weights if weights is not None else (None, None)
+    return QuantExperts.from_experts(task.module, plan.weight, make_act(plan.activation, "experts"),
+                                     make_act(plan.activation, "experts"), gu, dn)
+
+
+def empty_quantized(module: nn.Module, kind: str, wspec: FormatSpec, act: ActivationConfig | None) -> nn.Module:
+    """An unfilled quantized module with `module`'s geometry (for loading a checkpoint)."""
+    if kind == "linear":
+        return QuantLinear(module.in_features, module.out_features, module.bias is not None, wspec,
+                           make_act(act, kind), torch.float32)
+    if kind == "conv2d":
+        return QuantConv2d(QuantConv2d.conv_args_of(module), module.bias is not None, wspec, make_act(act, kind))
+    e, two_i, h = module.gate_up_proj.shape
+    has_bias = getattr(module, "gate_up_proj_bias", None) is not None
+    return QuantExperts(e, h, two_i // 2, wspec, module.act_fn, make_act(act, kind), make_act(act, kind), has_bias)
+
+
+def set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    if isinstance(parent, (nn.ModuleList, nn.Sequential)) and attr.isdigit():
+        parent[int(attr)] = new
+    else:
+        setattr(parent, attr, new)
+
+
+def layer_record(task: LayerTask, qmodule: nn.Module) -> dict[str, Any]:
+    """What quantization.json stores per layer: enough to rebuild the module before loading buffers."""
+    plan = task.plan
+    rec: dict[str, Any] = {"kind": task.kind, "role": task.role, "weight": plan.weight.to_dict(),
+                           "activation": None if plan.activation is None else plan.activation.to_dict()}
+    if isinstance(qmodule, QuantExperts):
+        rec["experts"] = qmodule.num_experts
+        rec["params"] = _numel(qmodule.gate_up) + _numel(qmodule.down)
+    else:
+        rec["params"] = _numel(qmodule.quantized_weight)
+    return rec
+
+
+def _numel(qw: QuantizedWeight) -> int:
+    n = 1
+    for s in qw.shape:
+        n *= s
+    return n

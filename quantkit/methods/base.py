@@ -1,0 +1,71 @@
+"""Method interface and registry. A method quantizes one block at a time given its calibration inputs."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from quantkit.adapters.base import CallArgs
+from quantkit.config import Recipe
+from quantkit.errors import QuantkitError
+from quantkit.layers import LayerTask
+
+METHODS: dict[str, type["Method"]] = {}
+
+
+def register(name: str) -> Callable[[type["Method"]], type["Method"]]:
+    def deco(cls: type["Method"]) -> type["Method"]:
+        cls.name = name
+        METHODS[name] = cls
+        return cls
+
+    return deco
+
+
+def get_method(name: str, recipe: Recipe) -> "Method":
+    import difflib
+
+    if name not in METHODS:
+        close = difflib.get_close_matches(name, list(METHODS), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise QuantkitError(f"unknown method {name!r}{hint}; allowed: {', '.join(sorted(METHODS))}")
+    return METHODS[name](recipe)
+
+
+@dataclass
+class BlockContext:
+    """One block of the walk: its layers, its cached inputs, and a way to run it."""
+
+    name: str
+    block: nn.Module
+    tasks: list[LayerTask]
+    inputs: list[CallArgs] | None
+    root: nn.Module
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    def local_name(self, task: LayerTask) -> str:
+        return task.name[len(self.name) + 1:] if self.name else task.name
+
+    @torch.no_grad()
+    def run(self) -> list[Any]:
+        """Run the block (as it is now) on every cached input."""
+        return [self.block(*c.args, **c.kwargs) for c in (self.inputs or [])]
+
+
+class Method:
+    """Base class: subclasses implement `quantize_block` (and may need calibration)."""
+
+    name = "base"
+
+    def __init__(self, recipe: Recipe) -> None:
+        self.recipe = recipe
+        self.options = dict(recipe.method_options)
+
+    def needs_calibration(self, tasks: list[LayerTask]) -> bool:
+        return any(t.plan.activation is not None and not t.plan.activation.dynamic for t in tasks if not t.plan.skip)
+
+    def quantize_block(self, ctx: BlockContext) -> dict[str, nn.Module]:
+        """Return {layer full name: quantized module} for the block's non-skipped layers."""
+        raise NotImplementedError

@@ -1,0 +1,153 @@
+"""Load what a user names as MODEL: a diffusers pipeline folder, a diffusers model folder, a
+transformers folder, or zoo:NAME. Returns the object and the module that gets quantized."""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from quantkit.adapters import ModelAdapter, adapter_for
+from quantkit.errors import QuantkitError
+
+log = logging.getLogger(__name__)
+
+# Pipeline components that are the denoiser, in the order they are looked for.
+DENOISER_COMPONENTS = ("unet", "transformer")
+
+
+@dataclass
+class LoadedModel:
+    """`obj` is what the user gets back (a pipeline or a model); `root` is the module quantized."""
+
+    obj: Any
+    source: str
+    path: Path | None
+    component: str | None  # pipeline attribute holding the root, None when obj is the root
+    adapter: ModelAdapter
+    tokenizer: Any = None
+
+    @property
+    def root(self) -> nn.Module:
+        return getattr(self.obj, self.component) if self.component else self.obj
+
+    def set_root(self, module: nn.Module) -> None:
+        if self.component:
+            setattr(self.obj, self.component, module)
+        else:
+            self.obj = module
+
+    @property
+    def is_pipeline(self) -> bool:
+        return self.component is not None
+
+
+def resolve_path(source: str) -> Path:
+    """Local folder of `source` (zoo:NAME or a path), or a clear error."""
+    if source.startswith("zoo:"):
+        from quantkit.zoo import resolve
+
+        return resolve(source[4:])
+    p = Path(source)
+    if not p.exists():
+        raise QuantkitError(f"model path {source} does not exist; give a local model folder or zoo:NAME")
+    if not p.is_dir():
+        raise QuantkitError(f"model path {source} is not a folder; give a diffusers/transformers model folder or zoo:NAME")
+    return p
+
+
+def folder_kind(path: Path) -> str:
+    """'pipeline', 'diffusers-model' or 'transformers-model'."""
+    if (path / "model_index.json").is_file():
+        return "pipeline"
+    cfg_file = path / "config.json"
+    if cfg_file.is_file():
+        try:
+            cfg = json.loads(cfg_file.read_text())
+        except json.JSONDecodeError as e:
+            raise QuantkitError(f"{cfg_file} is not valid JSON: {e}") from None
+        if "_class_name" in cfg:
+            return "diffusers-model"
+        if "model_type" in cfg or "architectures" in cfg:
+            return "transformers-model"
+    raise QuantkitError(
+        f"unknown model type in {path}: expected a diffusers pipeline (model_index.json), a diffusers model "
+        "(config.json with _class_name) or a transformers model (config.json with model_type)"
+    )
+
+
+def _diffusers_class(name: str) -> type:
+    import diffusers
+
+    cls = getattr(diffusers, name, None)
+    if cls is None:
+        raise QuantkitError(f"diffusers has no class {name!r} (diffusers {diffusers.__version__})")
+    return cls
+
+
+def load_model(source: str, device: str = "cpu") -> LoadedModel:
+    """Load a full-precision model or pipeline from a local folder or the zoo."""
+    path = resolve_path(source)
+    kind = folder_kind(path)
+    tokenizer = None
+    component = None
+    try:
+        if kind == "pipeline":
+            from diffusers import DiffusionPipeline
+
+            obj = DiffusionPipeline.from_pretrained(path, local_files_only=True)
+            component = next((c for c in DENOISER_COMPONENTS if getattr(obj, c, None) is not None), None)
+            if component is None:
+                raise QuantkitError(f"pipeline {path} has no denoiser component ({', '.join(DENOISER_COMPONENTS)})")
+            obj.to(device)
+        elif kind == "diffusers-model":
+            cfg = json.loads((path / "config.json").read_text())
+            obj = _diffusers_class(cfg["_class_name"]).from_pretrained(path, local_files_only=True).to(device)
+        else:
+            from transformers import AutoModelForCausalLM
+
+            obj = AutoModelForCausalLM.from_pretrained(path, local_files_only=True).to(device)
+            tokenizer = load_tokenizer(path)
+    except QuantkitError:
+        raise
+    except (OSError, ValueError, KeyError) as e:
+        raise QuantkitError(f"cannot load model from {path}: {str(e).splitlines()[0]}") from None
+    loaded = LoadedModel(obj, source, path, component, None, tokenizer)  # type: ignore[arg-type]
+    own_tensors(loaded.root)
+    loaded.adapter = adapter_for(loaded.root)
+    loaded.root.eval()
+    return loaded
+
+
+def own_tensors(module: nn.Module) -> None:
+    """Give every parameter and buffer its own aligned allocation.
+
+    from_pretrained may leave tensors as views into a memory-mapped file at arbitrary offsets;
+    CPU BLAS results can differ by an ulp with alignment, so a saved and reloaded model would not
+    reproduce the in-memory one bit for bit.
+    """
+    import torch
+
+    with torch.no_grad():
+        for p in module.parameters():
+            p.data = p.data.clone()
+        for m in module.modules():
+            for name, b in list(m._buffers.items()):
+                if b is not None:
+                    m._buffers[name] = b.clone()
+
+
+def load_tokenizer(path: Path) -> Any:
+    """The folder's tokenizer, or None when it has none (byte ids are used then)."""
+    if not any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as e:
+        log.warning("tokenizer in %s could not be loaded (%s); using byte ids", path, str(e).splitlines()[0])
+        return None

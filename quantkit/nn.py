@@ -1,0 +1,235 @@
+"""Quantized modules with plain registered buffers (no tensor subclasses).
+
+QuantLinear and QuantConv2d replace nn.Linear / nn.Conv2d; QuantExperts replaces transformers'
+fused 3-D expert modules (gate_up_proj [E, 2I, H], down_proj [E, H, I]) with per-expert scales.
+Buffers: `qweight` (packed uint8 codes), `scale`, optional `zero`, optional `bias`, and the
+activation quantizer's buffers under `act.`.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from quantkit import kernels
+from quantkit.formats import integer
+from quantkit.formats.packing import packed_len
+from quantkit.formats.qweight import WEIGHT_SCALE_DTYPE, QuantizedWeight
+from quantkit.formats.spec import FormatSpec
+from quantkit.quantizers.activation import ActQuantizer
+
+
+def _empty_qweight_buffers(module: nn.Module, shape: tuple[int, ...], spec: FormatSpec, prefix: str = "") -> None:
+    """Register zero-filled buffers of the right shapes (filled later by load_state_dict)."""
+    spec.check_k(shape[-1])
+    module.register_buffer(prefix + "qweight", torch.zeros(*shape[:-1], packed_len(shape[-1], spec.bits), dtype=torch.uint8))
+    sshape = integer.scale_shape(shape, spec)
+    if spec.kind == "mxfp4":
+        module.register_buffer(prefix + "scale", torch.zeros(*shape[:-1], shape[-1] // 32, dtype=torch.uint8))
+    else:
+        module.register_buffer(prefix + "scale", torch.ones(sshape, dtype=WEIGHT_SCALE_DTYPE))
+    zero = torch.zeros(sshape, dtype=torch.uint8) if spec.kind == "int" and not spec.symmetric else None
+    module.register_buffer(prefix + "zero", zero)
+
+
+def _assign(module: nn.Module, qw: QuantizedWeight, prefix: str = "") -> None:
+    setattr(module, prefix + "qweight", qw.packed)
+    setattr(module, prefix + "scale", qw.scale)
+    if qw.zero is not None:
+        setattr(module, prefix + "zero", qw.zero)
+
+
+def _view(module: nn.Module, shape: tuple[int, ...], spec: FormatSpec, prefix: str = "") -> QuantizedWeight:
+    return QuantizedWeight(getattr(module, prefix + "qweight"), getattr(module, prefix + "scale"),
+                           getattr(module, prefix + "zero"), shape, spec)
+
+
+class QuantLinear(nn.Module):
+    """y = quant_act(x) @ dequant(W)^T + b through quantkit.kernels.qlinear."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, wspec: FormatSpec,
+                 act: ActQuantizer | None = None, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.wspec = wspec
+        _empty_qweight_buffers(self, (out_features, in_features), wspec)
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype) if bias else None)
+        self.act = act
+        self.kernel_backend = "auto"
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, wspec: FormatSpec, act: ActQuantizer | None = None,
+                    qweight: QuantizedWeight | None = None) -> "QuantLinear":
+        """Quantize `linear` by round-to-nearest, or take an already quantized weight."""
+        q = cls(linear.in_features, linear.out_features, linear.bias is not None, wspec, act, linear.weight.dtype)
+        qw = qweight if qweight is not None else QuantizedWeight.quantize(linear.weight.detach(), wspec)
+        _assign(q, qw)
+        if linear.bias is not None:
+            q.bias = linear.bias.detach().clone()
+        return q.to(linear.weight.device)
+
+    @property
+    def quantized_weight(self) -> QuantizedWeight:
+        return _view(self, (self.out_features, self.in_features), self.wspec)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.qlinear(x, self.quantized_weight, self.bias, self.act, self.kernel_backend)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, w={self.wspec.short}"
+
+
+class QuantConv2d(nn.Module):
+    """Conv2d with a weight quantized along (in_channels/groups * kh * kw)."""
+
+    def __init__(self, conv_args: dict, bias: bool, wspec: FormatSpec, act: ActQuantizer | None = None,
+                 dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.conv_args = dict(conv_args)
+        o, i, kh, kw = self.weight_shape
+        self.wspec = wspec
+        _empty_qweight_buffers(self, (o, i * kh * kw), wspec)
+        self.register_buffer("bias", torch.zeros(o, dtype=dtype) if bias else None)
+        self.act = act
+        self.kernel_backend = "auto"
+
+    @property
+    def weight_shape(self) -> tuple[int, int, int, int]:
+        a = self.conv_args
+        kh, kw = a["kernel_size"]
+        return a["out_channels"], a["in_channels"] // a["groups"], kh, kw
+
+    @staticmethod
+    def conv_args_of(conv: nn.Conv2d) -> dict:
+        return {"in_channels": conv.in_channels, "out_channels": conv.out_channels,
+                "kernel_size": tuple(conv.kernel_size), "stride": tuple(conv.stride),
+                "padding": conv.padding if isinstance(conv.padding, str) else tuple(conv.padding),
+                "dilation": tuple(conv.dilation), "groups": conv.groups}
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, wspec: FormatSpec, act: ActQuantizer | None = None,
+                  qweight: QuantizedWeight | None = None) -> "QuantConv2d":
+        if conv.padding_mode != "zeros":
+            raise ValueError(f"padding_mode {conv.padding_mode!r} is not supported; allowed: zeros")
+        q = cls(cls.conv_args_of(conv), conv.bias is not None, wspec, act, conv.weight.dtype)
+        w2d = conv.weight.detach().reshape(conv.out_channels, -1)
+        _assign(q, qweight if qweight is not None else QuantizedWeight.quantize(w2d, wspec))
+        if conv.bias is not None:
+            q.bias = conv.bias.detach().clone()
+        return q.to(conv.weight.device)
+
+    @property
+    def quantized_weight(self) -> QuantizedWeight:
+        o, i, kh, kw = self.weight_shape
+        return _view(self, (o, i * kh * kw), self.wspec)
+
+    def _is_pointwise(self) -> bool:
+        a = self.conv_args
+        return (a["kernel_size"] == (1, 1) and a["stride"] == (1, 1) and a["groups"] == 1
+                and a["padding"] in ((0, 0), "valid") and a["dilation"] == (1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [B, C, H, W]
+        if self._is_pointwise():
+            # A 1x1 convolution is a GEMM over pixels: run it through the matmul kernels.
+            act = None if self.act is None else self.act_channels_last
+            y = kernels.qlinear(x.movedim(1, -1), self.quantized_weight, self.bias, act, self.kernel_backend)
+            return y.movedim(-1, 1)
+        if self.act is not None:
+            x = self.act(x)
+        w = self.quantized_weight.dequantize(x.dtype).reshape(self.weight_shape)
+        a = self.conv_args
+        return F.conv2d(x, w, self.bias, a["stride"], a["padding"], a["dilation"], a["groups"])
+
+    def act_channels_last(self, x: torch.Tensor) -> torch.Tensor:
+        """The activation quantizer (which expects NCHW) applied to a channels-last view [B, H, W, C]."""
+        return self.act(x.movedim(-1, 1)).movedim(1, -1)
+
+    def extra_repr(self) -> str:
+        return f"{self.conv_args}, w={self.wspec.short}"
+
+
+class QuantExperts(nn.Module):
+    """Drop-in for transformers' fused expert modules (Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V3, ...).
+
+    forward(hidden [T, H], top_k_index [T, k], top_k_weights [T, k]) -> [T, H], as the originals.
+    Weights: gate_up [E, 2I, H] and down [E, H, I], quantized along their last dimension with
+    per-expert scales (a 'tensor' granularity spec means one scale per expert).
+    """
+
+    def __init__(self, num_experts: int, hidden_dim: int, intermediate_dim: int, wspec: FormatSpec,
+                 act_fn: nn.Module, act_in: ActQuantizer | None = None, act_mid: ActQuantizer | None = None,
+                 has_bias: bool = False, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.num_experts, self.hidden_dim, self.intermediate_dim = num_experts, hidden_dim, intermediate_dim
+        self.wspec = wspec
+        _empty_qweight_buffers(self, self.gate_up_shape, self._expert_spec_check(wspec, hidden_dim), "gate_up_")
+        _empty_qweight_buffers(self, self.down_shape, self._expert_spec_check(wspec, intermediate_dim), "down_")
+        if wspec.granularity == "tensor":  # one scale per expert, not one for all experts
+            self.gate_up_scale = torch.ones(num_experts, 1, 1, dtype=WEIGHT_SCALE_DTYPE)
+            self.down_scale = torch.ones(num_experts, 1, 1, dtype=WEIGHT_SCALE_DTYPE)
+            if self.gate_up_zero is not None:
+                self.gate_up_zero = torch.zeros(num_experts, 1, 1, dtype=torch.uint8)
+                self.down_zero = torch.zeros(num_experts, 1, 1, dtype=torch.uint8)
+        self.register_buffer("gate_up_bias", torch.zeros(num_experts, 2 * intermediate_dim, dtype=dtype) if has_bias else None)
+        self.register_buffer("down_bias", torch.zeros(num_experts, hidden_dim, dtype=dtype) if has_bias else None)
+        self.act_fn = act_fn
+        self.act_in = act_in
+        self.act_mid = act_mid
+        self.kernel_backend = "auto"
+
+    @staticmethod
+    def _expert_spec_check(spec: FormatSpec, k: int) -> FormatSpec:
+        spec.check_k(k, "an expert weight")
+        return spec
+
+    @property
+    def gate_up_shape(self) -> tuple[int, int, int]:
+        return (self.num_experts, 2 * self.intermediate_dim, self.hidden_dim)
+
+    @property
+    def down_shape(self) -> tuple[int, int, int]:
+        return (self.num_experts, self.hidden_dim, self.intermediate_dim)
+
+    @staticmethod
+    def quantize_3d(w: torch.Tensor, spec: FormatSpec) -> QuantizedWeight:
+        """Quantize [E, N, K] with scales never shared across experts."""
+        if spec.granularity != "tensor":
+            return QuantizedWeight.quantize(w, spec)
+        parts = [QuantizedWeight.quantize(w[e], spec) for e in range(w.shape[0])]
+        return QuantizedWeight(torch.stack([p.packed for p in parts]),
+                               torch.stack([p.scale for p in parts]),
+                               None if parts[0].zero is None else torch.stack([p.zero for p in parts]),
+                               tuple(w.shape), spec)
+
+    @classmethod
+    def from_experts(cls, experts: nn.Module, wspec: FormatSpec, act_in: ActQuantizer | None = None,
+                     act_mid: ActQuantizer | None = None, gate_up: QuantizedWeight | None = None,
+                     down: QuantizedWeight | None = None) -> "QuantExperts":
+        """Quantize a transformers experts module with `gate_up_proj` and `down_proj` 3-D parameters."""
+        gu, dn = experts.gate_up_proj.detach(), experts.down_proj.detach()
+        e, two_i, h = gu.shape
+        has_bias = getattr(experts, "gate_up_proj_bias", None) is not None
+        q = cls(e, h, two_i // 2, wspec, experts.act_fn, act_in, act_mid, has_bias, gu.dtype)
+        _assign(q, gate_up if gate_up is not None else cls.quantize_3d(gu, wspec), "gate_up_")
+        _assign(q, down if down is not None else cls.quantize_3d(dn, wspec), "down_")
+        if has_bias:
+            q.gate_up_bias = experts.gate_up_proj_bias.detach().clone()
+            q.down_bias = experts.down_proj_bias.detach().clone()
+        return q.to(gu.device)
+
+    @property
+    def gate_up(self) -> QuantizedWeight:
+        return _view(self, self.gate_up_shape, self.wspec, "gate_up_")
+
+    @property
+    def down(self) -> QuantizedWeight:
+        return _view(self, self.down_shape, self.wspec, "down_")
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor) -> torch.Tensor:
+        return kernels.qexperts(hidden_states, top_k_index, top_k_weights, self.gate_up, self.down,
+                                self.act_fn, self.act_in, self.act_mid, self.gate_up_bias, self.down_bias,
+                                self.kernel_backend)
+
+    def extra_repr(self) -> str:
+        return f"experts={self.num_experts}, hidden={self.hidden_dim}, inter={self.intermediate_dim}, w={self.wspec.short}"
