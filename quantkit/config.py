@@ -217,3 +217,50 @@ def builtin_recipe_path(name: str) -> Path:
     raise QuantkitError(
         f"recipe {name!r} not found: give a YAML/JSON file or a built-in name ({', '.join(sorted(recipes))})"
     )
+
+
+def recipe_with_overrides(recipe: Recipe, *, method: str | None = None, wbits: int | None = None,
+                          abits: int | None = None, group_size: int | None = None, fmt: str | None = None,
+                          calib_size: int | None = None, seed: int | None = None) -> Recipe:
+    """Apply command-line flags on top of a recipe (flags win).
+
+    wbits/fmt/group_size change the default weight format; abits 16 turns activation quantization
+    off, another value quantizes activations per token (int) or per 32 (mxfp4) dynamically.
+    group_size 0 means one scale per output channel.
+    """
+    w = recipe.weight.to_dict()
+    if fmt is not None:
+        if fmt not in ("int", "mxfp4", "fp8"):
+            raise QuantkitError(f"unknown --format {fmt!r}; allowed: int, mxfp4, fp8")
+        w["kind"] = fmt
+        if fmt == "mxfp4":
+            w.update(bits=4, symmetric=True, granularity="group", group_size=32)
+        elif fmt == "fp8":
+            w.update(bits=8, symmetric=True)
+            if w["granularity"] == "group" and group_size is None:
+                w.update(granularity="channel", group_size=None)
+        elif recipe.weight.kind != "int":
+            w.update(bits=8, granularity="channel", group_size=None, scale_mode="ocp_floor")
+    if wbits is not None:
+        w["bits"] = wbits
+    if group_size is not None:
+        if group_size < 0:
+            raise QuantkitError(f"--group-size must be 0 (per channel) or positive, got {group_size}")
+        w.update(granularity="group", group_size=group_size) if group_size else w.update(granularity="channel", group_size=None)
+    changes: dict[str, Any] = {"weight": FormatSpec(**w)}
+    if abits is not None:
+        if abits == 16:
+            changes["activation"] = None
+        elif changes["weight"].kind == "mxfp4" and abits == 4:
+            changes["activation"] = ActivationConfig(FormatSpec.mxfp4(changes["weight"].scale_mode), True)
+        else:
+            changes["activation"] = ActivationConfig(FormatSpec("int", abits, False, "channel"), True)
+    elif fmt == "mxfp4" and recipe.activation is not None:
+        changes["activation"] = ActivationConfig(FormatSpec.mxfp4(), True)
+    if method is not None:
+        changes["method"] = method
+    if calib_size is not None:
+        changes["calib_size"] = calib_size
+    if seed is not None:
+        changes["seed"] = seed
+    return recipe.replace(**changes)

@@ -33,18 +33,36 @@ class LayerTask:
             return "linear"
         if isinstance(self.module, nn.Conv2d):
             return "conv2d"
-        return "experts"
+        if is_fused_experts(self.module):
+            return "experts"
+        return "embedding" if isinstance(self.module, nn.Embedding) else "router"
 
 
 def is_quantizable(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, nn.Conv2d)) or is_fused_experts(module)
 
 
+def _full_precision_only(module: nn.Module, role: str) -> bool:
+    """Layers quantkit reports but cannot quantize: embeddings and custom router modules."""
+    if isinstance(module, nn.Embedding):
+        return True
+    return role == "router" and not isinstance(module, nn.Linear) and isinstance(getattr(module, "weight", None), nn.Parameter)
+
+
 def plan_layers(root: nn.Module, adapter: ModelAdapter, recipe: Recipe) -> list[LayerTask]:
     """Every quantizable layer of `root` with its plan; fails on an expert layout it cannot quantize."""
     tasks = []
     for name, module in root.named_modules():
-        if not is_quantizable(module) or isinstance(module, QUANT_MODULES):
+        if isinstance(module, QUANT_MODULES):
+            continue
+        role = adapter.role(name, module) if name else "linear"
+        if _full_precision_only(module, role):
+            if not recipe.plan(name, role).skip:
+                raise QuantkitError(f"{name} ({type(module).__name__}, role {role}) can only stay in full precision; "
+                                    f"keep role {role!r} in skip_roles or add a rule {{name: {name}, skip: true}}")
+            tasks.append(LayerTask(name, module, role, recipe.plan(name, role)))
+            continue
+        if not is_quantizable(module):
             continue
         role = adapter.role(name, module)
         plan = recipe.plan(name, role)

@@ -69,6 +69,15 @@ def _owner(name: str, block_names: list[str]) -> str:
     return ""
 
 
+def check_plan(loaded: LoadedModel, recipe: Recipe) -> list[LayerTask]:
+    """Validate the recipe against the model before any work: method, group sizes, expert layouts."""
+    get_method(recipe.method, recipe)
+    tasks = plan_layers(loaded.root, loaded.adapter, recipe)
+    if all(t.plan.skip for t in tasks):
+        raise QuantkitError("the recipe quantizes no layer of this model (every layer is skipped)")
+    return tasks
+
+
 def quantize_model(loaded: LoadedModel, recipe: Recipe, *, calib_prompts: str | None = None,
                    calib_text: str | None = None, calib_steps: int = 10, calls: list[CallArgs] | None = None,
                    progress: Progress | None = None) -> QuantizationResult:
@@ -76,10 +85,8 @@ def quantize_model(loaded: LoadedModel, recipe: Recipe, *, calib_prompts: str | 
     t0 = time.time()
     root, adapter = loaded.root, loaded.adapter
     method = get_method(recipe.method, recipe)
-    tasks = plan_layers(root, adapter, recipe)
+    tasks = check_plan(loaded, recipe)
     todo = [t for t in tasks if not t.plan.skip]
-    if not todo:
-        raise QuantkitError("the recipe quantizes no layer of this model (every layer is skipped)")
     calibration: dict[str, Any] = {"used": False}
     if calls is None and method.needs_calibration(todo):
         calls = calibration_calls(loaded, recipe.calib_size, recipe.seed, calib_steps, calib_prompts, calib_text)

@@ -107,8 +107,10 @@ TINY: dict[str, tuple[str, Callable[[Path, int], None]]] = {
 
 
 def tiny_model_path(name: str, cache: Path | None = None) -> Path:
-    """Folder of tiny model `name`, built on first use into the cache (~/.cache/quantkit/tiny)."""
-    cache = cache or Path.home() / ".cache" / "quantkit" / "tiny"
+    """Folder of tiny model `name`, built on first use into $QUANTKIT_CACHE/tiny (default ~/.cache/quantkit)."""
+    import os
+
+    cache = cache or Path(os.environ.get("QUANTKIT_CACHE", Path.home() / ".cache" / "quantkit")) / "tiny"
     out = cache / name
     if not (out / "model_index.json").exists() and not (out / "config.json").exists():
         log.info("building %s into %s", name, out)

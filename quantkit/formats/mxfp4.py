@@ -25,7 +25,7 @@ def e2m1_table(device: torch.device | None = None) -> torch.Tensor:
 
 def encode_e2m1(v: torch.Tensor) -> torch.Tensor:
     """Round scaled values to the nearest E2M1 code (ties to even, saturating at 6)."""
-    mag = v.abs().float()
+    mag = v.abs().float().contiguous()
     bounds = torch.tensor(_MIDPOINTS, device=v.device)
     idx = torch.bucketize(mag, bounds, right=False)  # mag == bound -> lower index
     at_tie = mag == bounds[idx.clamp(max=len(_MIDPOINTS) - 1)]

@@ -1,0 +1,240 @@
+"""The quantkit command line: thin Typer commands that parse, call the library and render with rich."""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Iterator, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from quantkit.errors import QuantkitError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Post-training quantization of diffusion models and Mixture-of-Experts LMs.")
+zoo_app = typer.Typer(no_args_is_help=True, help="Built-in reference models (zoo:NAME).")
+app.add_typer(zoo_app, name="zoo")
+
+console = Console()
+err_console = Console(stderr=True)
+DEFAULT_MODEL = "zoo:tiny-sd"
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn library errors into one red line and a non-zero exit, never a traceback."""
+    try:
+        yield
+    except QuantkitError as e:
+        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        err_console.print("[bold red]interrupted[/]: nothing half-written was left behind")
+        raise typer.Exit(130) from None
+    except Exception as e:  # a bug, not bad input: still one line unless asked for the traceback
+        if os.environ.get("QUANTKIT_DEBUG"):
+            raise
+        err_console.print(f"[bold red]internal error:[/] {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+                          "(set QUANTKIT_DEBUG=1 for the traceback)", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("transformers", "diffusers"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    try:  # the libraries' own progress bars would interleave with ours
+        from diffusers.utils import logging as dlog
+        from transformers.utils import logging as tlog
+
+        tlog.set_verbosity_error()
+        tlog.disable_progress_bar()
+        dlog.set_verbosity_error()
+        dlog.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=err_console, transient=False)
+
+
+@app.command()
+def quantize(
+    model: str = typer.Argument(DEFAULT_MODEL, help="Local diffusers/transformers folder or zoo:NAME."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output checkpoint folder."),
+    recipe: Optional[str] = typer.Option(None, help="Recipe YAML/JSON file or built-in name (e.g. rtn-w8a8)."),
+    method: Optional[str] = typer.Option(None, help="Method name (overrides the recipe), e.g. rtn."),
+    wbits: Optional[int] = typer.Option(None, help="Weight bits (2-8 for int)."),
+    abits: Optional[int] = typer.Option(None, help="Activation bits; 16 = weight-only."),
+    group_size: Optional[int] = typer.Option(None, help="Weight group size along the input dim; 0 = per channel."),
+    format: Optional[str] = typer.Option(None, "--format", help="Weight format: int, mxfp4 or fp8."),
+    calib_size: Optional[int] = typer.Option(None, help="Calibration prompts / sequences."),
+    calib_prompts: Optional[Path] = typer.Option(None, help="Text file, one calibration prompt a line."),
+    calib_text: Optional[Path] = typer.Option(None, help="Plain-text calibration corpus for language models."),
+    calib_steps: int = typer.Option(10, help="Sampler steps recorded per calibration prompt."),
+    seed: Optional[int] = typer.Option(None, help="Seed for calibration sampling."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+    overwrite: bool = typer.Option(False, help="Replace a non-empty output folder."),
+    max_shard_mb: int = typer.Option(2048, help="Largest safetensors shard, in MiB."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Quantize MODEL by a recipe and write a packed safetensors checkpoint."""
+    _setup_logging(verbose)
+    with user_errors():
+        from quantkit.config import Recipe, recipe_with_overrides
+        from quantkit.io import check_output_dir, save_checkpoint
+        from quantkit.models import load_model
+        from quantkit.methods import get_method
+        from quantkit.pipeline import check_plan, quantize_model
+
+        if device not in ("cpu", "cuda"):
+            raise QuantkitError(f"unknown --device {device!r}; allowed: cpu, cuda")
+        if device == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise QuantkitError("--device cuda was asked for but no CUDA device is available; use --device cpu")
+        check_output_dir(out, overwrite)
+        rec = Recipe.load(recipe) if recipe else Recipe()
+        rec = recipe_with_overrides(rec, method=method, wbits=wbits, abits=abits, group_size=group_size, fmt=format,
+                                    calib_size=calib_size, seed=seed)
+        get_method(rec.method, rec)
+        from quantkit.calib import read_prompts, read_text
+
+        if calib_prompts is not None:
+            read_prompts(calib_prompts)
+        if calib_text is not None:
+            read_text(calib_text)
+        loaded = load_model(model, device)
+        check_plan(loaded, rec)
+        console.print(f"quantizing [bold]{model}[/] ({type(loaded.root).__name__}, adapter {loaded.adapter.name}) "
+                      f"with [bold]{rec.method}[/] w={rec.weight.short} "
+                      f"a={'fp' if rec.activation is None else rec.activation.format.short}")
+        with _progress() as bar:
+            task = bar.add_task("blocks", total=None)
+
+            def progress(what: str, done: int, total: int) -> None:
+                bar.update(task, description=f"block {what}", completed=done, total=total)
+
+            result = quantize_model(loaded, rec, calib_prompts=str(calib_prompts) if calib_prompts else None,
+                                    calib_text=str(calib_text) if calib_text else None, calib_steps=calib_steps,
+                                    progress=progress)
+        save_checkpoint(loaded, rec, result, out, overwrite=overwrite, max_shard_bytes=max_shard_mb * 1024**2)
+        console.print(f"[green]wrote[/] {out}: {len(result.layers)} layers quantized, {len(result.skipped)} kept in "
+                      f"full precision, {result.seconds:.1f}s")
+
+
+@app.command()
+def inspect(
+    ckpt: Path = typer.Argument(..., help="A quantkit checkpoint folder."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    all_layers: bool = typer.Option(False, "--all", help="Also list layers kept in full precision."),
+) -> None:
+    """Per-layer table (name, kind, format, bits, params, bytes) and totals of a checkpoint."""
+    _setup_logging(False)
+    with user_errors():
+        from quantkit.inspect_ckpt import inspect_checkpoint
+
+        report = inspect_checkpoint(ckpt)
+        if as_json:
+            sys.stdout.write(json.dumps(report, indent=1) + "\n")
+            return
+        table = Table(title=f"{ckpt} ({report['model']['class']})")
+        for col in ("name", "kind", "role", "format", "bits", "params", "bytes", "bits/weight"):
+            table.add_column(col, justify="right" if col in ("bits", "params", "bytes", "bits/weight") else "left")
+        for layer in report["layers"]:
+            if layer["quantized"] or all_layers:
+                table.add_row(layer["name"], layer["kind"], layer["role"], layer["format"], str(layer["bits"]),
+                              f"{layer['params']:,}", f"{layer['bytes']:,}", f"{layer['bits_per_weight']:.3f}")
+        console.print(table)
+        t = report["totals"]
+        console.print(f"params quantized {t['params_quantized']:,} / {t['params_total']:,} "
+                      f"({100 * t['fraction_quantized']:.1f}%), {t['bits_per_weight_quantized']:.3f} bits per "
+                      f"quantized weight, {t['bytes']:,} bytes, {t['compression_vs_fp16']:.2f}x smaller than fp16")
+
+
+@app.command()
+def generate(
+    model: str = typer.Argument(DEFAULT_MODEL, help="A quantkit checkpoint, a model folder or zoo:NAME."),
+    prompt: list[str] = typer.Option([], "--prompt", "-p", help="Prompt (repeatable)."),
+    label: list[int] = typer.Option([], "--label", help="Class label for class-conditional pipelines (repeatable)."),
+    n: int = typer.Option(4, help="Images to sample."),
+    steps: int = typer.Option(20, help="Sampler steps."),
+    guidance: Optional[float] = typer.Option(None, help="Classifier-free guidance scale."),
+    seed: int = typer.Option(0),
+    out: Path = typer.Option(Path("samples.png"), help="PNG grid to write (diffusion)."),
+    max_new_tokens: int = typer.Option(64, help="Tokens to generate (language models)."),
+) -> None:
+    """Images (a PNG grid) from a diffusion model, or text from a language model."""
+    _setup_logging(False)
+    with user_errors():
+        from quantkit.generate import generate_images, generate_text, image_grid
+        from quantkit.models import load_tokenizer, resolve_path
+
+        path = resolve_path(model)
+        import quantkit
+
+        obj = quantkit.load(path)
+        if hasattr(obj, "generate") and hasattr(obj, "config") and not hasattr(obj, "unet"):
+            text = generate_text(obj, load_tokenizer(path), " ".join(prompt) or "\n", max_new_tokens, seed)
+            console.print(text, markup=False, highlight=False)
+            return
+        if not hasattr(obj, "scheduler"):
+            raise QuantkitError(f"{model} is a bare {type(obj).__name__}; generate needs a pipeline folder "
+                                "(with scheduler and VAE) or a language model")
+        if n < 1:
+            raise QuantkitError(f"--n must be at least 1, got {n}")
+        with _progress() as bar:
+            task = bar.add_task("sampling", total=1)
+            images = generate_images(obj, prompt or None, n, steps, seed, guidance, label or None)
+            bar.update(task, completed=1)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        image_grid(images).save(out)
+        console.print(f"[green]wrote[/] {out} ({len(images)} images)")
+
+
+@zoo_app.command("list")
+def zoo_list() -> None:
+    """Show the built-in models."""
+    from quantkit.zoo import zoo_names
+
+    table = Table(title="quantkit zoo")
+    table.add_column("name")
+    table.add_column("description")
+    for name, desc in zoo_names().items():
+        table.add_row(f"zoo:{name}", desc)
+    console.print(table)
+
+
+@zoo_app.command("train")
+def zoo_train(
+    name: str = typer.Argument(..., help="Zoo model to train."),
+    out: Optional[Path] = typer.Option(None, help="Folder to write (default: the package's zoo folder)."),
+    seed: int = typer.Option(0),
+    verbose: bool = typer.Option(True, "--verbose/--quiet"),
+) -> None:
+    """Train a reference model of the zoo from scratch (seeded, CPU)."""
+    _setup_logging(verbose)
+    with user_errors():
+        try:
+            from quantkit.zoo.registry import train_model
+        except ImportError:
+            raise QuantkitError("no trainable zoo models in this install") from None
+        metrics = train_model(name, out, seed)
+        console.print_json(json.dumps(metrics))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
