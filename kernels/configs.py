@@ -1,0 +1,80 @@
+"""Tile configurations, shape buckets and the split-K rule of the GEMM kernels (pure python, no triton)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# M buckets: decode (1), small batches, medium, large. Autotuning is keyed by bucket, not exact M,
+# so a server that sees every M from 1 to 256 tunes a handful of times, not 256.
+M_BUCKETS = (1, 16, 64, 256)
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """One launch configuration of a GEMM kernel."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 3
+    group_m: int = 8
+
+    def meta(self) -> dict[str, int]:
+        """Keyword arguments of the kernel launch."""
+        return {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "BLOCK_K": self.block_k,
+                "GROUP_M": self.group_m, "num_warps": self.num_warps, "num_stages": self.num_stages}
+
+
+def m_bucket(m: int) -> int:
+    """Smallest bucket >= m (the largest for anything above)."""
+    for b in M_BUCKETS:
+        if m <= b:
+            return b
+    return M_BUCKETS[-1] * 4
+
+
+def candidate_tiles(bucket: int) -> list[TileConfig]:
+    """Autotuning candidates for an M bucket.
+
+    Small M is memory-bound: a 16-row tile (tl.dot's minimum) and wide N/K tiles stream weights;
+    large M is compute-bound: square 128-wide tiles with deeper pipelines.
+    """
+    if bucket <= 16:
+        return [TileConfig(16, n, k, w, s) for n, k, w, s in
+                ((64, 128, 4, 4), (128, 128, 4, 4), (64, 256, 4, 3), (128, 64, 4, 4), (32, 256, 4, 3))]
+    if bucket <= 64:
+        return [TileConfig(m, n, k, w, s) for m, n, k, w, s in
+                ((32, 64, 128, 4, 4), (64, 64, 64, 4, 4), (64, 128, 64, 4, 4), (32, 128, 128, 4, 3))]
+    return [TileConfig(m, n, k, w, s) for m, n, k, w, s in
+            ((64, 128, 64, 4, 4), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 32, 4, 4),
+             (64, 256, 32, 4, 4))]
+
+
+def default_tile(bucket: int) -> TileConfig:
+    """The configuration used where autotuning is not possible (Triton's CPU interpreter)."""
+    return candidate_tiles(bucket)[0]
+
+
+def choose_split_k(m: int, n: int, k: int, num_sms: int, block_k: int = 128) -> int:
+    """How many slices to split K into so a small-M GEMM keeps every SM busy.
+
+    At small M there are few output tiles (N/64 for one token) and each would walk all of K alone;
+    splitting K multiplies the CTAs. Each slice keeps at least 4 K tiles so the partial sums are worth
+    their round trip through memory. Large M has enough tiles already.
+    """
+    if m > 64:
+        return 1
+    tiles = -(-m // 16) * -(-n // 64)
+    want = max(1, (2 * num_sms) // tiles)
+    most = max(1, k // (4 * block_k))
+    split = 1
+    while split * 2 <= min(want, most, 16):
+        split *= 2
+    return split
+
+
+def is_interpreter() -> bool:
+    """Whether Triton runs kernels on the CPU interpreter (no autotuning there: it would time Python)."""
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
