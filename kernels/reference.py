@@ -42,16 +42,23 @@ def qexperts_reference(
     """Routed SwiGLU-style experts: sum_k w_k * down_e(act(gate_e(x)) * up_e(x))."""
     out = torch.zeros_like(hidden)
     n_experts = gate_up.shape[0]
+    # Dequantize all experts once (the weights' own cache makes repeated calls free).
+    w_gu = gate_up.dequantize(hidden.dtype)  # [E, 2I, H]
+    w_dn = down.dequantize(hidden.dtype)  # [E, H, I]
     hit = torch.unique(top_k_index)
     for e in hit.tolist():
         if not 0 <= e < n_experts:  # transformers marks masked-out slots with index E
             continue
         token_idx, slot = torch.where(top_k_index == e)
         x = hidden[token_idx]
-        gu = qlinear_reference(x, gate_up.select(e), None if gate_up_bias is None else gate_up_bias[e], act_in)
+        if act_in is not None:
+            x = act_in(x)
+        gu = F.linear(x, w_gu[e], None if gate_up_bias is None else gate_up_bias[e])
         gate, up = gu.chunk(2, dim=-1)
         h = act_fn(gate) * up
-        y = qlinear_reference(h, down.select(e), None if down_bias is None else down_bias[e], act_mid)
+        if act_mid is not None:
+            h = act_mid(h)
+        y = F.linear(h, w_dn[e], None if down_bias is None else down_bias[e])
         y = y * top_k_weights[token_idx, slot, None]
         out.index_add_(0, token_idx, y.to(out.dtype))
     return out

@@ -201,6 +201,73 @@ def generate(
         console.print(f"[green]wrote[/] {out} ({len(images)} images)")
 
 
+@app.command("eval")
+def eval_cmd(
+    model: str = typer.Argument(DEFAULT_MODEL, help="A quantkit checkpoint, a model folder or zoo:NAME."),
+    metrics: Optional[str] = typer.Option(None, help="Comma-separated metrics (default: all that apply)."),
+    n: int = typer.Option(100, help="Images to sample (diffusion) or text windows (language models)."),
+    seed: int = typer.Option(0),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the JSON report here."),
+    out: Optional[Path] = typer.Option(None, help="Folder for sample grids and plots."),
+    compare: list[str] = typer.Option([], "--compare", help="More checkpoints to put in the same table (repeatable)."),
+    reference: Optional[str] = typer.Option(None, help="Full-precision model to compare with (default: the source)."),
+    clip_model: Optional[str] = typer.Option(None, help="Local CLIP folder (or zoo:NAME) for FID features, IS, CLIP score."),
+    real_images: Optional[str] = typer.Option(None, help="Folder of real images for FID (or sklearn-digits)."),
+    inception_weights: Optional[Path] = typer.Option(None, help="FID Inception weights file (uses torch-fidelity)."),
+    prompts: Optional[Path] = typer.Option(None, help="Prompts file for text-to-image sampling."),
+    text: Optional[Path] = typer.Option(None, help="Held-out text file for perplexity."),
+    steps: Optional[int] = typer.Option(None, help="Sampler steps."),
+    guidance: Optional[float] = typer.Option(None, help="Classifier-free guidance scale."),
+    seq_len: int = typer.Option(256, help="Tokens per perplexity window."),
+) -> None:
+    """FID / IS / CLIP score for diffusion models; perplexity and router fidelity for MoE LMs."""
+    _setup_logging(False)
+    with user_errors():
+        from quantkit.eval.run import EvalOptions, evaluate, write_report
+
+        if n < 1:
+            raise QuantkitError(f"--n must be at least 1, got {n}")
+        opts = EvalOptions(metrics=[m.strip() for m in metrics.split(",")] if metrics else None, n=n, seed=seed,
+                           reference=reference, clip_model=clip_model, real_images=real_images,
+                           inception_weights=inception_weights, prompts_file=prompts, text_file=text, steps=steps,
+                           guidance=guidance, seq_len=seq_len)
+        rows = []
+        with _progress() as bar:
+            task = bar.add_task("eval", total=None)
+
+            def progress(what: str, done: int, total: int) -> None:
+                bar.update(task, description=what, completed=done, total=total)
+
+            for i, m in enumerate([model, *compare]):
+                report = evaluate(m, opts, progress)
+                rows.append(write_report(report, None, out / f"model{i}" if out and not compare else
+                                         (out / Path(m).name if out else None)))
+        _render_eval(rows)
+        if json_path is not None:
+            json_path.parent.mkdir(parents=True, exist_ok=True)
+            json_path.write_text(json.dumps(rows[0] if not compare else {"rows": rows}, indent=1))
+        if compare and out is not None:
+            from quantkit.eval.plots import metric_vs_bits_plot
+
+            for metric in sorted({k for r in rows for k in r["metrics"]}):
+                metric_vs_bits_plot(rows, metric, out / f"{metric}_vs_bits.png")
+
+
+def _render_eval(rows: list[dict]) -> None:
+    names = sorted({k for r in rows for k in r["metrics"]})
+    table = Table(title="quantkit eval")
+    for col in ["model", "bits/weight", *names]:
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for r in rows:
+        table.add_row(r["model"], f"{r['bits_per_weight']:.3f}",
+                      *[f"{r['metrics'][k]:.4f}" if k in r["metrics"] else "-" for k in names])
+    console.print(table)
+    for r in rows:
+        starved = r.get("details", {}).get("experts_without_tokens")
+        if starved:
+            console.print(f"[yellow]experts that got no tokens[/] in {r['model']}: {starved}")
+
+
 @zoo_app.command("list")
 def zoo_list() -> None:
     """Show the built-in models."""

@@ -40,11 +40,20 @@ def _assign(module: nn.Module, qw: QuantizedWeight, prefix: str = "") -> None:
 
 
 def _view(module: nn.Module, shape: tuple[int, ...], spec: FormatSpec, prefix: str = "") -> QuantizedWeight:
+    cache = None
+    if module.cache_dequantized:
+        cache = module.__dict__.setdefault("_dequant_cache", {}).setdefault(prefix, {})
     return QuantizedWeight(getattr(module, prefix + "qweight"), getattr(module, prefix + "scale"),
-                           getattr(module, prefix + "zero"), shape, spec)
+                           getattr(module, prefix + "zero"), shape, spec, cache)
 
 
-class QuantLinear(nn.Module):
+class _QuantModule(nn.Module):
+    # The pure-torch (CPU) path keeps one dense copy of the dequantized weight per module instead
+    # of unpacking codes on every call: faster, at the cost of that copy's memory. Set False to save it.
+    cache_dequantized = True
+
+
+class QuantLinear(_QuantModule):
     """y = quant_act(x) @ dequant(W)^T + b through quantkit.kernels.qlinear."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, wspec: FormatSpec,
@@ -79,7 +88,7 @@ class QuantLinear(nn.Module):
         return f"{self.in_features}, {self.out_features}, w={self.wspec.short}"
 
 
-class QuantConv2d(nn.Module):
+class QuantConv2d(_QuantModule):
     """Conv2d with a weight quantized along (in_channels/groups * kh * kw)."""
 
     def __init__(self, conv_args: dict, bias: bool, wspec: FormatSpec, act: ActQuantizer | None = None,
@@ -131,7 +140,7 @@ class QuantConv2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [B, C, H, W]
         if self._is_pointwise():
             # A 1x1 convolution is a GEMM over pixels: run it through the matmul kernels.
-            act = None if self.act is None else self.act_channels_last
+            act = None if self.act is None else self.act.along_last_dim()
             y = kernels.qlinear(x.movedim(1, -1), self.quantized_weight, self.bias, act, self.kernel_backend)
             return y.movedim(-1, 1)
         if self.act is not None:
@@ -140,15 +149,11 @@ class QuantConv2d(nn.Module):
         a = self.conv_args
         return F.conv2d(x, w, self.bias, a["stride"], a["padding"], a["dilation"], a["groups"])
 
-    def act_channels_last(self, x: torch.Tensor) -> torch.Tensor:
-        """The activation quantizer (which expects NCHW) applied to a channels-last view [B, H, W, C]."""
-        return self.act(x.movedim(-1, 1)).movedim(1, -1)
-
     def extra_repr(self) -> str:
         return f"{self.conv_args}, w={self.wspec.short}"
 
 
-class QuantExperts(nn.Module):
+class QuantExperts(_QuantModule):
     """Drop-in for transformers' fused expert modules (Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V3, ...).
 
     forward(hidden [T, H], top_k_index [T, k], top_k_weights [T, k]) -> [T, H], as the originals.

@@ -97,11 +97,34 @@ def make_tiny_deepseek(out: Path, seed: int = 0) -> None:
     DeepseekV3ForCausalLM(cfg).save_pretrained(out)
 
 
+def make_tiny_clip(out: Path, seed: int = 0) -> None:
+    """A random CLIPModel with tokenizer and image processor (a stand-in judge for eval tests)."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    torch.manual_seed(seed)
+    _clip_tokenizer(out)
+    from transformers import CLIPTokenizer
+
+    tok = CLIPTokenizer.from_pretrained(out)
+    cfg = CLIPConfig(
+        text_config={"vocab_size": len(tok), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                     "num_attention_heads": 2, "max_position_embeddings": 16, "bos_token_id": tok.bos_token_id,
+                     "eos_token_id": tok.eos_token_id},
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                       "image_size": 16, "patch_size": 4},
+        projection_dim=16,
+    )
+    CLIPModel(cfg).save_pretrained(out)
+    CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16},
+                       image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(out)
+
+
 TINY: dict[str, tuple[str, Callable[[Path, int], None]]] = {
     "tiny-sd": ("random-weight Stable Diffusion pipeline (UNet2DConditionModel, tiny VAE, CLIP text)", make_tiny_sd),
     "tiny-unet": ("random-weight UNet2DConditionModel", make_tiny_unet),
     "tiny-dit": ("random-weight class-conditional DiTTransformer2DModel", make_tiny_dit),
     "tiny-mixtral": ("random-weight MixtralForCausalLM, 4 fused experts, top-2", make_tiny_mixtral),
+    "tiny-clip": ("random-weight CLIPModel with tokenizer and image processor", make_tiny_clip),
     "tiny-deepseek": ("random-weight DeepseekV3ForCausalLM, shared + 8 routed experts, grouped top-k", make_tiny_deepseek),
 }
 

@@ -1,7 +1,7 @@
 """QuantizedWeight: packed codes + scales of one weight, the in-memory and the on-disk form."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -30,6 +30,9 @@ class QuantizedWeight:
     zero: torch.Tensor | None
     shape: tuple[int, ...]
     spec: FormatSpec
+    # Optional dict owned by a module: keeps the last dense dequantization so the pure-torch path
+    # does not unpack the same codes on every call. Keyed on the buffers' identity and version.
+    cache: dict | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def quantize(cls, w: torch.Tensor, spec: FormatSpec) -> "QuantizedWeight":
@@ -53,7 +56,15 @@ class QuantizedWeight:
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Pure-torch reference dequantization to a dense [..., N, K] tensor."""
-        return dequantize_codes(self.codes(), self.scale, self.zero, self.spec, dtype)
+        if self.cache is None:
+            return dequantize_codes(self.codes(), self.scale, self.zero, self.spec, dtype)
+        key = (dtype, *[(t.data_ptr(), t._version) for t in self.tensors().values()])
+        hit = self.cache.get("dense")
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        dense = dequantize_codes(self.codes(), self.scale, self.zero, self.spec, dtype)
+        self.cache["dense"] = (key, dense)
+        return dense
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {"qweight": self.packed, "scale": self.scale}

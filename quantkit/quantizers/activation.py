@@ -57,6 +57,18 @@ class ActQuantizer(nn.Module):
         if zero is not None:
             self.zero = zero.reshape(())
 
+    def along_last_dim(self) -> "ActQuantizer":
+        """A twin that quantizes along the last dimension and shares this one's buffers
+        (a 1x1 convolution run as a GEMM sees channels-last inputs)."""
+        if self.channel_dim == -1:
+            return self
+        twin = ActQuantizer.__new__(ActQuantizer)
+        nn.Module.__init__(twin)
+        twin.spec, twin.dynamic, twin.channel_dim = self.spec, self.dynamic, -1
+        for name, buf in self._buffers.items():
+            twin._buffers[name] = buf
+        return twin
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         moved = self.channel_dim not in (-1, x.dim() - 1)
         if moved:
