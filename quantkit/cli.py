@@ -20,6 +20,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Post-training quantization of diffusion models and Mixture-of-Experts LMs.")
 zoo_app = typer.Typer(no_args_is_help=True, help="Built-in reference models (zoo:NAME).")
 app.add_typer(zoo_app, name="zoo")
+bench_app = typer.Typer(no_args_is_help=True, help="Speed benchmarks (need a CUDA GPU).")
+app.add_typer(bench_app, name="bench")
 
 console = Console()
 err_console = Console(stderr=True)
@@ -297,6 +299,28 @@ def zoo_train(
             raise QuantkitError("no trainable zoo models in this install") from None
         metrics = train_model(name, out, seed)
         console.print_json(json.dumps(metrics))
+
+
+@bench_app.command("kernels")
+def bench_kernels(
+    kernels: Optional[str] = typer.Option(None, help="Comma-separated subset of kernels (default: all)."),
+    m: Optional[str] = typer.Option(None, help="Comma-separated token counts M (default 1,16,64,256,1024)."),
+    warmup: int = typer.Option(10, help="Untimed warm-up runs per case."),
+    iters: int = typer.Option(50, help="Timed runs per case; the median is reported (CUDA events)."),
+    peak_gbps: Optional[float] = typer.Option(None, help="Peak DRAM bandwidth in GB/s (default: by GPU name)."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the rows to this JSON file."),
+) -> None:
+    """Time every Triton kernel against torch.matmul in fp16 on real-model shapes; print speedup and
+    achieved bandwidth as a fraction of peak. Needs a CUDA GPU."""
+    from quantkit.kernels.bench import main as bench_main
+
+    argv = ["--warmup", str(warmup), "--iters", str(iters)]
+    for flag, value in (("--kernels", kernels), ("--m", m), ("--peak-gbps", peak_gbps), ("--json", json_path)):
+        if value is not None:
+            argv += [flag, str(value)]
+    code = bench_main(argv)
+    if code:
+        raise typer.Exit(code)
 
 
 def main() -> None:
