@@ -69,6 +69,10 @@ class ModelAdapter:
         """Inputs for a bare model with no sampler or tokenizer to drive it."""
         raise NotImplementedError
 
+    def add_outliers(self, root: nn.Module, factor: float, channels: int, seed: int) -> dict:
+        """Plant activation-outlier channels by a function-preserving edit; returns what was done."""
+        raise QuantkitError(f"{self.name} has no outlier transformation")
+
     def output_tensor(self, out: Any) -> torch.Tensor:
         """The main tensor of a root forward's output (for comparisons)."""
         if isinstance(out, torch.Tensor):

@@ -6,8 +6,12 @@ import torch
 from torch import nn
 
 from quantkit.adapters.base import CallArgs, ModelAdapter, is_fused_experts
+from quantkit.adapters.outliers import norm_gain_outliers, pick_channels
 
 ROUTER_NAMES = ("gate", "router", "shared_expert_gate")
+# Linears that read the normalized residual stream directly (so a norm's gain can be folded into them).
+ATTENTION_INPUTS = ("q_proj", "k_proj", "v_proj", "qkv_proj", "q_a_proj", "kv_a_proj_with_mqa")
+MLP_INPUTS = ("gate_proj", "up_proj", "gate", "router", "shared_expert_gate")
 
 
 class CausalLMAdapter(ModelAdapter):
@@ -39,6 +43,35 @@ class CausalLMAdapter(ModelAdapter):
         if "mlp" in parts:
             return "mlp"
         return "linear"
+
+    def norm_consumers(self, layer: nn.Module) -> list[tuple[nn.Module, list[torch.Tensor]]]:
+        """(norm, weights reading its output) pairs of one decoder layer; weights' last dim is the input."""
+        pairs = []
+        for norm_name, sub_name, inputs in (("input_layernorm", "self_attn", ATTENTION_INPUTS),
+                                            ("post_attention_layernorm", "mlp", MLP_INPUTS)):
+            norm, sub = getattr(layer, norm_name, None), getattr(layer, sub_name, None)
+            if norm is None or sub is None or getattr(norm, "weight", None) is None:
+                continue
+            weights = []
+            for name, m in sub.named_modules():
+                last = name.split(".")[-1]
+                if is_fused_experts(m):
+                    weights.append(m.gate_up_proj)
+                elif last in inputs and isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 2:
+                    weights.append(m.weight)
+            pairs.append((norm, weights))
+        return pairs
+
+    def add_outliers(self, root: nn.Module, factor: float, channels: int, seed: int) -> dict:
+        """Scale `channels` hidden channels of every decoder norm's gain by `factor`, dividing the input
+        columns of the projections, routers and experts that read it."""
+        idx = pick_channels(root.config.hidden_size, channels, seed)
+        edited = 0
+        for _, layer in self.blocks(root):
+            for norm, weights in self.norm_consumers(layer):
+                norm_gain_outliers(norm, weights, idx, factor)
+                edited += 1
+        return {"kind": "norm-gain", "factor": factor, "channels": idx.tolist(), "norms": edited}
 
     def synthetic_inputs(self, root: nn.Module, n: int, seed: int) -> list[CallArgs]:
         g = torch.Generator().manual_seed(seed)

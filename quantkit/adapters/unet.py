@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from quantkit.adapters.base import CallArgs, ModelAdapter
+from quantkit.adapters.outliers import attention_value_outliers, geglu_outliers
 
 
 class UNetAdapter(ModelAdapter):
@@ -58,6 +59,13 @@ class UNetAdapter(ModelAdapter):
         if ".attentions." in name:
             return "attention"
         return "conv" if isinstance(module, nn.Conv2d) else "linear"
+
+    def add_outliers(self, root: nn.Module, factor: float, channels: int, seed: int) -> dict:
+        """Channel outliers in attention out-projections and GEGLU down-projections."""
+        done = {"kind": "attention-value+geglu", "factor": factor, "channels_per_layer": channels}
+        done.update(attention_value_outliers(root, factor, channels, seed))
+        done.update(geglu_outliers(root, factor, channels, seed))
+        return done
 
     def synthetic_inputs(self, root: nn.Module, n: int, seed: int) -> list[CallArgs]:
         cfg = root.config

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from quantkit.errors import QuantkitError
+from quantkit.outlier_variants import SUFFIX, outlier_variant_path
 from quantkit.tiny_models import TINY, tiny_model_path
 
 
@@ -17,8 +18,12 @@ def _trained() -> dict:
 
 
 def zoo_names() -> dict[str, str]:
-    """name -> one-line description, trained models first."""
-    out = {name: getattr(e, "description", "") for name, e in _trained().items()}
+    """name -> one-line description: trained models and their outlier variants, then tiny ones."""
+    out = {}
+    for name, e in _trained().items():
+        out[name] = getattr(e, "description", "")
+        if getattr(e, "kind", "") != "clip":
+            out[name + SUFFIX] = f"{name} with planted activation outliers (function-preserving)"
     out.update({name: desc for name, (desc, _) in TINY.items()})
     return out
 
@@ -27,6 +32,8 @@ def resolve(name: str) -> Path:
     """Local folder of zoo model `name` (without the 'zoo:' prefix)."""
     if name in TINY:
         return tiny_model_path(name)
+    if name.endswith(SUFFIX) and name[: -len(SUFFIX)] in {**_trained(), **TINY}:
+        return outlier_variant_path(name[: -len(SUFFIX)])
     trained = _trained()
     if name in trained:
         from quantkit.zoo.registry import zoo_path

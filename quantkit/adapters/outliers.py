@@ -1,0 +1,77 @@
+"""Function-preserving edits that plant activation outliers in a model (for honest PTQ benchmarks).
+
+Small models trained briefly lack the outlier channels of large ones. Each edit scales some channels
+of a layer's output up by `factor` and the matching input columns of every consumer down by it, so
+the full-precision function is unchanged (to float rounding) while the consumers' inputs get
+outlier channels. Which layers feed which is family knowledge: the adapters call these helpers.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+@torch.no_grad()
+def scale_rows(linear: nn.Linear, channels: torch.Tensor, factor: float) -> None:
+    """Output channels `channels` of `linear` (rows of its weight, and bias) times `factor`."""
+    linear.weight[channels] *= factor
+    if linear.bias is not None:
+        linear.bias[channels] *= factor
+
+
+@torch.no_grad()
+def scale_input_columns(weight: torch.Tensor, channels: torch.Tensor, factor: float) -> None:
+    """Input columns (last dimension) of a 2-D or 3-D weight divided by `factor`."""
+    weight[..., channels] /= factor
+
+
+@torch.no_grad()
+def norm_gain_outliers(norm: nn.Module, consumers: list[torch.Tensor], channels: torch.Tensor, factor: float) -> None:
+    """RMSNorm/LayerNorm gain of `channels` times factor; consumer input columns divided by it."""
+    norm.weight[channels] *= factor
+    if getattr(norm, "bias", None) is not None:
+        norm.bias[channels] *= factor
+    for w in consumers:
+        scale_input_columns(w, channels, factor)
+
+
+def pick_channels(dim: int, count: int, seed: int) -> torch.Tensor:
+    """`count` distinct channels of `dim`, fixed by `seed` (the same ones model-wide, as in real LLMs)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randperm(dim, generator=g)[:count]
+
+
+@torch.no_grad()
+def attention_value_outliers(root: nn.Module, factor: float, channels: int, seed: int) -> dict:
+    """In every diffusers Attention: value channels times factor, out-projection columns divided by it
+    (attention is linear in V). Plants channel outliers in the out-projection's input."""
+    from diffusers.models.attention_processor import Attention
+
+    edited = 0
+    for m in root.modules():
+        if isinstance(m, Attention) and isinstance(getattr(m, "to_v", None), nn.Linear):
+            out = m.to_out[0]
+            idx = pick_channels(m.to_v.out_features, channels, seed)
+            scale_rows(m.to_v, idx, factor)
+            scale_input_columns(out.weight, idx, factor)
+            edited += 1
+    return {"attention": edited}
+
+
+@torch.no_grad()
+def geglu_outliers(root: nn.Module, factor: float, channels: int, seed: int) -> dict:
+    """In every GEGLU feed-forward: linear-half channels times factor (GEGLU is h * gelu(g), linear in
+    h), the next projection's columns divided by it."""
+    from diffusers.models.activations import GEGLU
+    from diffusers.models.attention import FeedForward
+
+    edited = 0
+    for m in root.modules():
+        if isinstance(m, FeedForward) and isinstance(m.net[0], GEGLU):
+            proj, nxt = m.net[0].proj, m.net[-1]
+            inner = proj.out_features // 2
+            idx = pick_channels(inner, channels, seed)  # the first half of proj's output is h
+            scale_rows(proj, idx, factor)
+            scale_input_columns(nxt.weight, idx, factor)
+            edited += 1
+    return {"geglu": edited}

@@ -1,0 +1,32 @@
+"""zoo:NAME-outliers keeps the full-precision function and plants large activation channels."""
+import pytest
+import torch
+
+from quantkit.models import load_model
+from helpers import forward
+
+
+def _max_over_median(root, adapter) -> float:
+    """Largest ratio of a layer input's max channel magnitude to its median channel magnitude."""
+    ratios = []
+
+    def hook(_m, args):
+        x = args[0].detach().float()
+        x = x.movedim(1, -1) if x.dim() == 4 else x
+        ch = x.reshape(-1, x.shape[-1]).abs().amax(0)
+        ratios.append((ch.max() / ch.median().clamp(min=1e-12)).item())
+
+    hs = [m.register_forward_pre_hook(hook) for m in root.modules() if isinstance(m, torch.nn.Linear)]
+    forward(adapter, root)
+    for h in hs:
+        h.remove()
+    return max(ratios)
+
+
+@pytest.mark.parametrize("name", ["tiny-mixtral", "tiny-deepseek", "tiny-unet", "tiny-dit"])
+def test_outlier_variant_is_function_preserving(name):
+    base = load_model(f"zoo:{name}")
+    var = load_model(f"zoo:{name}-outliers")
+    a, b = forward(base.adapter, base.root), forward(var.adapter, var.root)
+    torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+    assert _max_over_median(var.root, var.adapter) > 3 * _max_over_median(base.root, base.adapter)
