@@ -203,6 +203,38 @@ def generate(
         console.print(f"[green]wrote[/] {out} ({len(images)} images)")
 
 
+@app.command()
+def activations(
+    model: str = typer.Argument(DEFAULT_MODEL, help="A model folder or zoo:NAME."),
+    calib_size: int = typer.Option(4, help="Calibration prompts / sequences."),
+    calib_steps: int = typer.Option(5, help="Sampler steps per prompt (diffusion)."),
+    seed: int = typer.Option(0),
+    as_json: Optional[Path] = typer.Option(None, "--json", help="Write the per-layer rows here."),
+    top: int = typer.Option(15, help="Rows to show, most outlier-heavy first."),
+) -> None:
+    """Per-layer input statistics (max/median channel magnitude, kurtosis) on calibration data."""
+    _setup_logging(False)
+    with user_errors():
+        from quantkit.activation_stats import activation_stats
+        from quantkit.calib import calibration_calls
+        from quantkit.models import load_model
+
+        loaded = load_model(model)
+        rows = activation_stats(loaded, calibration_calls(loaded, calib_size, seed, calib_steps))
+        if as_json is not None:
+            as_json.write_text(json.dumps(rows, indent=1))
+        table = Table(title=f"layer inputs of {model}")
+        for col in ("layer", "role", "max", "max/median ch", "kurtosis"):
+            table.add_column(col, justify="left" if col in ("layer", "role") else "right")
+        for r in sorted(rows, key=lambda r: -r["max_over_median"])[:top]:
+            table.add_row(r["layer"], r["role"], f"{r['max']:.3g}", f"{r['max_over_median']:.1f}", f"{r['kurtosis']:.1f}")
+        console.print(table)
+        med = sorted(r["max_over_median"] for r in rows)[len(rows) // 2]
+        console.print(f"{len(rows)} layers; median of max/median-channel ratios {med:.1f}, "
+                      f"largest {max(r['max_over_median'] for r in rows):.1f}, "
+                      f"largest kurtosis {max(r['kurtosis'] for r in rows):.1f}")
+
+
 @app.command("eval")
 def eval_cmd(
     model: str = typer.Argument(DEFAULT_MODEL, help="A quantkit checkpoint, a model folder or zoo:NAME."),
