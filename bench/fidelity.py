@@ -20,7 +20,7 @@ SETTINGS = {
 
 def run(cmd: list[str]) -> None:
     print("$", " ".join(cmd), file=sys.stderr, flush=True)
-    subprocess.run(cmd, check=True)
+    subprocess.run(cmd, check=True, stdout=sys.stderr)  # keep stdout for the table
 
 
 def main() -> int:

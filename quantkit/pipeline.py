@@ -89,7 +89,15 @@ def quantize_model(loaded: LoadedModel, recipe: Recipe, *, calib_prompts: str | 
     todo = [t for t in tasks if not t.plan.skip]
     calibration: dict[str, Any] = {"used": False}
     if calls is None and method.needs_calibration(todo):
-        calls = calibration_calls(loaded, recipe.calib_size, recipe.seed, calib_steps, calib_prompts, calib_text)
+        sampled = [0]
+
+        def tick(k: int) -> None:
+            sampled[0] += k
+            if progress:
+                progress("calibration sampling", sampled[0], recipe.calib_size)
+
+        calls = calibration_calls(loaded, recipe.calib_size, recipe.seed, calib_steps, calib_prompts, calib_text,
+                                  progress=tick)
     if calls is not None:
         calibration = {"used": True, "calls": len(calls), "size": recipe.calib_size, "seed": recipe.seed,
                        "steps": calib_steps if loaded.is_pipeline else None,
