@@ -22,6 +22,8 @@ zoo_app = typer.Typer(no_args_is_help=True, help="Built-in reference models (zoo
 app.add_typer(zoo_app, name="zoo")
 bench_app = typer.Typer(no_args_is_help=True, help="Speed benchmarks (need a CUDA GPU).")
 app.add_typer(bench_app, name="bench")
+from quantkit.cli_calib import calib_app  # noqa: E402  (a sub-app; importing it loads no model code)
+app.add_typer(calib_app, name="calib")
 
 console = Console()
 err_console = Console(stderr=True)
@@ -82,6 +84,9 @@ def quantize(
     calib_prompts: Optional[Path] = typer.Option(None, help="Text file, one calibration prompt a line."),
     calib_text: Optional[Path] = typer.Option(None, help="Plain-text calibration corpus for language models."),
     calib_steps: int = typer.Option(10, help="Sampler steps recorded per calibration prompt."),
+    calib: Optional[Path] = typer.Option(None, "--calib", help="Calibration file from `quantkit calib select`."),
+    rounding: Optional[str] = typer.Option(None, help="Learnable rounding of reconstruction methods: adaround or flexround."),
+    resume: bool = typer.Option(True, "--resume/--no-resume", help="Reuse finished blocks of a killed run (.OUT.progress)."),
     seed: Optional[int] = typer.Option(None, help="Seed for calibration sampling."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
     overwrite: bool = typer.Option(False, help="Replace a non-empty output folder."),
@@ -108,6 +113,19 @@ def quantize(
         rec = Recipe.load(recipe) if recipe else Recipe()
         rec = recipe_with_overrides(rec, method=method, wbits=wbits, abits=abits, group_size=group_size, fmt=format,
                                     calib_size=calib_size, seed=seed)
+        if rounding is not None:
+            rec = rec.replace(method_options={**rec.method_options, "rounding": rounding})
+        calls, calib_prov = None, None
+        if calib is not None:
+            from quantkit.calib.calib_file import batch_items, load_calibration
+
+            items, calib_prov = load_calibration(calib)
+            calls = [c.to(device) for c in batch_items(items, 8)]
+        import shutil
+
+        work_dir = out.parent / f".{out.name}.progress"  # per-block state of a killed run (see docs)
+        if not resume:
+            shutil.rmtree(work_dir, ignore_errors=True)
         get_method(rec.method, rec)
         from quantkit.calib import read_prompts, read_text
 
@@ -128,8 +146,11 @@ def quantize(
 
             result = quantize_model(loaded, rec, calib_prompts=str(calib_prompts) if calib_prompts else None,
                                     calib_text=str(calib_text) if calib_text else None, calib_steps=calib_steps,
-                                    progress=progress)
+                                    progress=progress, calls=calls, work_dir=work_dir)
+        if calib_prov is not None:
+            result.calibration.update(file=str(calib), selection=calib_prov)
         save_checkpoint(loaded, rec, result, out, overwrite=overwrite, max_shard_bytes=max_shard_mb * 1024**2)
+        shutil.rmtree(work_dir, ignore_errors=True)
         console.print(f"[green]wrote[/] {out}: {len(result.layers)} layers quantized, {len(result.skipped)} kept in "
                       f"full precision, {result.seconds:.1f}s")
 
@@ -257,10 +278,12 @@ def eval_cmd(
     """FID / IS / CLIP score for diffusion models; perplexity and router fidelity for MoE LMs."""
     _setup_logging(False)
     with user_errors():
-        from quantkit.eval.run import EvalOptions, evaluate, write_report
+        from quantkit.eval.run import EvalOptions, check_metrics, evaluate, model_kind, write_report
 
         if n < 1:
             raise QuantkitError(f"--n must be at least 1, got {n}")
+        for m in [model, *compare]:
+            check_metrics(model_kind(m), [x.strip() for x in metrics.split(",")] if metrics else None)
         opts = EvalOptions(metrics=[m.strip() for m in metrics.split(",")] if metrics else None, n=n, seed=seed,
                            reference=reference, clip_model=clip_model, real_images=real_images,
                            inception_weights=inception_weights, prompts_file=prompts, text_file=text, steps=steps,

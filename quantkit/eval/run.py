@@ -50,6 +50,26 @@ def _bits_per_weight(path: Path, meta: dict[str, Any] | None) -> float:
     return float(inspect_checkpoint(path)["totals"]["bits_per_weight_quantized"])
 
 
+def model_kind(model: str) -> str:
+    """'diffusion' or 'lm' for a checkpoint, model folder or zoo:NAME (from its JSON files only)."""
+    from quantkit.models import folder_kind, resolve_path
+
+    path = resolve_path(model)
+    meta = _checkpoint_meta(path)
+    if meta is not None:
+        return "lm" if meta["model"]["adapter"] == "transformers-causal-lm" else "diffusion"
+    return "lm" if folder_kind(path) == "transformers-model" else "diffusion"
+
+
+def check_metrics(kind: str, metrics: list[str] | None) -> None:
+    """Fail before any work on a metric that does not apply to this kind of model."""
+    allowed = DIFFUSION_METRICS if kind == "diffusion" else LM_METRICS
+    what = "diffusion" if kind == "diffusion" else "language-model"
+    for m in metrics or []:
+        if m not in allowed:
+            raise QuantkitError(f"unknown {what} metric {m!r}; allowed: {', '.join(allowed)}")
+
+
 def evaluate(model: str, opts: EvalOptions, progress: Progress | None = None) -> dict[str, Any]:
     """Evaluate `model` (a checkpoint, a model folder or zoo:NAME); returns the JSON report."""
     import quantkit
@@ -87,10 +107,8 @@ def _clip_dir(opts: EvalOptions, profile: EvalProfile) -> Path | None:
 
 def _eval_diffusion(pipe: Any, ref: Any, profile: EvalProfile, opts: EvalOptions,
                     progress: Progress | None) -> dict[str, Any]:
+    check_metrics("diffusion", opts.metrics)
     metrics = opts.metrics or list(DIFFUSION_METRICS)
-    bad = [m for m in metrics if m not in DIFFUSION_METRICS]
-    if bad:
-        raise QuantkitError(f"unknown diffusion metric {bad[0]!r}; allowed: {', '.join(DIFFUSION_METRICS)}")
     prompts, labels = profile.prompts, profile.labels
     if opts.prompts_file is not None:
         from quantkit.calib import read_prompts
@@ -130,10 +148,8 @@ def _eval_lm(model: Any, ref: Any, tokenizer: Any, opts: EvalOptions, progress: 
     from quantkit.adapters import adapter_for
     from quantkit.calib import heldout_text, read_text
 
+    check_metrics("lm", opts.metrics)
     metrics = opts.metrics or list(LM_METRICS)
-    bad = [m for m in metrics if m not in LM_METRICS]
-    if bad:
-        raise QuantkitError(f"unknown language-model metric {bad[0]!r}; allowed: {', '.join(LM_METRICS)}")
     text = read_text(opts.text_file) if opts.text_file else heldout_text()
     wins = windows(token_ids(tokenizer, text, model.config.vocab_size), opts.seq_len, opts.n)
     if not wins:
