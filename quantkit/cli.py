@@ -153,6 +153,22 @@ def quantize(
         shutil.rmtree(work_dir, ignore_errors=True)
         console.print(f"[green]wrote[/] {out}: {len(result.layers)} layers quantized, {len(result.skipped)} kept in "
                       f"full precision, {result.seconds:.1f}s")
+        _print_expert_tokens(result.layers)
+
+
+def _print_expert_tokens(layers: dict) -> None:
+    """Per-expert calibration token counts of MoE layers (methods that record them, e.g. eaquant)."""
+    rows = [(n, r["calibration"]) for n, r in layers.items() if "expert_tokens" in (r.get("calibration") or {})]
+    if not rows:
+        return
+    table = Table(title="calibration tokens per expert (routed -> used)")
+    for col in ("layer", "target", "tokens per expert", "under target", "calibrated on layer input"):
+        table.add_column(col)
+    for name, c in rows:
+        used = [f"{a}" if a == b else f"{a}->{b}" for a, b in zip(c["expert_tokens"], c["expert_tokens_used"])]
+        table.add_row(name, str(c["token_target"]), " ".join(used), str(c["under_target"] or "-"),
+                      str(c["layer_input_fallback"] or "-"))
+    console.print(table)
 
 
 @app.command()

@@ -203,7 +203,7 @@ def load_quantized_root(ckpt: Path, meta: dict[str, Any], device: str = "cpu") -
         except AttributeError:
             raise QuantkitError(f"{ckpt}: layer {name} of quantization.json is not in the model") from None
         act = ActivationConfig.from_dict(rec["activation"])
-        set_submodule(root, name, empty_quantized(orig, rec["kind"], FormatSpec.from_dict(rec["weight"]), act))
+        set_submodule(root, name, empty_quantized(orig, rec["kind"], FormatSpec.from_dict(rec["weight"]), act, rec))
     state = read_state(folder, meta["weights"]["files"], device)
     for alias, src in meta["weights"].get("tied", {}).items():
         state[alias] = state[src]

@@ -13,9 +13,11 @@ from quantkit.errors import QuantkitError
 from quantkit.formats.qweight import QuantizedWeight
 from quantkit.formats.spec import FormatSpec
 from quantkit.nn import QuantConv2d, QuantExperts, QuantLinear
+from quantkit.quant_router import QuantRouter, is_router_module
 from quantkit.quantizers.activation import ActQuantizer
+from quantkit.quantizers.online_rotation import attach_empty_rotations, rotation_records
 
-QUANT_MODULES = (QuantLinear, QuantConv2d, QuantExperts)
+QUANT_MODULES = (QuantLinear, QuantConv2d, QuantExperts, QuantRouter)
 
 
 @dataclass
@@ -43,10 +45,12 @@ def is_quantizable(module: nn.Module) -> bool:
 
 
 def _full_precision_only(module: nn.Module, role: str) -> bool:
-    """Layers quantkit reports but cannot quantize: embeddings and custom router modules."""
+    """Layers quantkit reports but cannot quantize: embeddings and custom routers without a 2-D weight
+    (routers with one are quantized as QuantRouter)."""
     if isinstance(module, nn.Embedding):
         return True
-    return role == "router" and not isinstance(module, nn.Linear) and isinstance(getattr(module, "weight", None), nn.Parameter)
+    return (role == "router" and not isinstance(module, nn.Linear)
+            and isinstance(getattr(module, "weight", None), nn.Parameter) and not is_router_module(module))
 
 
 def plan_layers(root: nn.Module, adapter: ModelAdapter, recipe: Recipe) -> list[LayerTask]:
@@ -62,7 +66,7 @@ def plan_layers(root: nn.Module, adapter: ModelAdapter, recipe: Recipe) -> list[
                                     f"keep role {role!r} in skip_roles or add a rule {{name: {name}, skip: true}}")
             tasks.append(LayerTask(name, module, role, recipe.plan(name, role)))
             continue
-        if not is_quantizable(module):
+        if not is_quantizable(module) and not (role == "router" and is_router_module(module)):
             continue
         role = adapter.role(name, module)
         plan = recipe.plan(name, role)
@@ -91,6 +95,8 @@ def _reduction_sizes(task: LayerTask) -> list[int]:
         return [m.in_features]
     if task.kind == "conv2d":
         return [m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1]]
+    if task.kind == "router":
+        return [m.weight.shape[-1]]
     return [m.gate_up_proj.shape[-1], m.down_proj.shape[-1]]
 
 
@@ -121,21 +127,30 @@ def build_quantized(task: LayerTask, weights: Any = None) -> nn.Module:
         return QuantLinear.from_linear(task.module, plan.weight, make_act(plan.activation, "linear"), weights)
     if task.kind == "conv2d":
         return QuantConv2d.from_conv(task.module, plan.weight, make_act(plan.activation, "conv2d"), weights)
+    if task.kind == "router":
+        return QuantRouter.from_router(task.module, plan.weight, make_act(plan.activation, "linear"), weights)
     gu, dn = weights if weights is not None else (None, None)
     return QuantExperts.from_experts(task.module, plan.weight, make_act(plan.activation, "experts"),
                                      make_act(plan.activation, "experts"), gu, dn)
 
 
-def empty_quantized(module: nn.Module, kind: str, wspec: FormatSpec, act: ActivationConfig | None) -> nn.Module:
-    """An unfilled quantized module with `module`'s geometry (for loading a checkpoint)."""
+def empty_quantized(module: nn.Module, kind: str, wspec: FormatSpec, act: ActivationConfig | None,
+                    record: dict[str, Any] | None = None) -> nn.Module:
+    """An unfilled quantized module with `module`'s geometry (for loading a checkpoint);
+    `record` (its quantization.json entry) adds the online rotations it was saved with."""
     if kind == "linear":
-        return QuantLinear(module.in_features, module.out_features, module.bias is not None, wspec,
-                           make_act(act, kind), torch.float32)
+        return attach_empty_rotations(QuantLinear(module.in_features, module.out_features, module.bias is not None,
+                                                  wspec, make_act(act, kind), torch.float32), record)
     if kind == "conv2d":
         return QuantConv2d(QuantConv2d.conv_args_of(module), module.bias is not None, wspec, make_act(act, kind))
+    if kind == "router":
+        import copy
+
+        return attach_empty_rotations(QuantRouter(copy.deepcopy(module), wspec, make_act(act, "linear")), record)
     e, two_i, h = module.gate_up_proj.shape
     has_bias = getattr(module, "gate_up_proj_bias", None) is not None
-    return QuantExperts(e, h, two_i // 2, wspec, module.act_fn, make_act(act, kind), make_act(act, kind), has_bias)
+    return attach_empty_rotations(
+        QuantExperts(e, h, two_i // 2, wspec, module.act_fn, make_act(act, kind), make_act(act, kind), has_bias), record)
 
 
 def set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
@@ -157,6 +172,10 @@ def layer_record(task: LayerTask, qmodule: nn.Module) -> dict[str, Any]:
         rec["params"] = _numel(qmodule.gate_up) + _numel(qmodule.down)
     else:
         rec["params"] = _numel(qmodule.quantized_weight)
+    rec.update(rotation_records(qmodule))
+    info = getattr(qmodule, "calibration_info", None)  # e.g. EAQuant's per-expert token counts
+    if info:
+        rec["calibration"] = info
     return rec
 
 

@@ -25,7 +25,9 @@ def _empty_qweight_buffers(module: nn.Module, shape: tuple[int, ...], spec: Form
     module.register_buffer(prefix + "qweight", torch.zeros(*shape[:-1], packed_len(shape[-1], spec.bits), dtype=torch.uint8))
     sshape = integer.scale_shape(shape, spec)
     if spec.kind == "mxfp4":
-        module.register_buffer(prefix + "scale", torch.zeros(*shape[:-1], shape[-1] // 32, dtype=torch.uint8))
+        # duquantpp_log8 stores fp32 scale values (see formats/mxfp4.duquantpp_log8_scales), others E8M0 codes.
+        sdtype = torch.float32 if spec.scale_mode == "duquantpp_log8" else torch.uint8
+        module.register_buffer(prefix + "scale", torch.zeros(*shape[:-1], shape[-1] // 32, dtype=sdtype))
     else:
         module.register_buffer(prefix + "scale", torch.ones(sshape, dtype=WEIGHT_SCALE_DTYPE))
     zero = torch.zeros(sshape, dtype=torch.uint8) if spec.kind == "int" and not spec.symmetric else None
@@ -65,6 +67,7 @@ class QuantLinear(_QuantModule):
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype) if bias else None)
         self.act = act
         self.kernel_backend = "auto"
+        self.rotation: nn.Module | None = None  # OnlineRotation (DuQuant / DuQuant++), set by the method
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, wspec: FormatSpec, act: ActQuantizer | None = None,
@@ -82,7 +85,13 @@ class QuantLinear(_QuantModule):
         return _view(self, (self.out_features, self.in_features), self.wspec)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.qlinear(x, self.quantized_weight, self.bias, self.act, self.kernel_backend)
+        rotation = None
+        if self.rotation is not None:
+            # A lone 32-block rotation goes to the kernels (fused before MXFP4 quantization).
+            rotation = self.rotation.fused_rotation()
+            if rotation is None:
+                x = self.rotation(x)
+        return kernels.qlinear(x, self.quantized_weight, self.bias, self.act, self.kernel_backend, rotation)
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, w={self.wspec.short}"
@@ -181,6 +190,9 @@ class QuantExperts(_QuantModule):
         self.act_in = act_in
         self.act_mid = act_mid
         self.kernel_backend = "auto"
+        # Per-expert OnlineRotations of the gate/up and down inputs (DuQuant / DuQuant++), set by the method.
+        self.rot_in: nn.Module | None = None
+        self.rot_mid: nn.Module | None = None
 
     @staticmethod
     def _expert_spec_check(spec: FormatSpec, k: int) -> FormatSpec:
@@ -232,6 +244,10 @@ class QuantExperts(_QuantModule):
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
+        if self.rot_in is not None or self.rot_mid is not None:
+            from quantkit.quantizers.online_rotation import rotated_experts_forward
+
+            return rotated_experts_forward(self, hidden_states, top_k_index, top_k_weights)
         return kernels.qexperts(hidden_states, top_k_index, top_k_weights, self.gate_up, self.down,
                                 self.act_fn, self.act_in, self.act_mid, self.gate_up_bias, self.down_bias,
                                 self.kernel_backend)

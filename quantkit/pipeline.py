@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -80,7 +81,7 @@ def check_plan(loaded: LoadedModel, recipe: Recipe) -> list[LayerTask]:
 
 def quantize_model(loaded: LoadedModel, recipe: Recipe, *, calib_prompts: str | None = None,
                    calib_text: str | None = None, calib_steps: int = 10, calls: list[CallArgs] | None = None,
-                   progress: Progress | None = None) -> QuantizationResult:
+                   progress: Progress | None = None, work_dir: str | Path | None = None) -> QuantizationResult:
     """Quantize `loaded.root` in place by `recipe`; returns what was done."""
     t0 = time.time()
     root, adapter = loaded.root, loaded.adapter
@@ -96,8 +97,7 @@ def quantize_model(loaded: LoadedModel, recipe: Recipe, *, calib_prompts: str | 
             if progress:
                 progress("calibration sampling", sampled[0], recipe.calib_size)
 
-        calls = calibration_calls(loaded, recipe.calib_size, recipe.seed, calib_steps, calib_prompts, calib_text,
-                                  progress=tick)
+        calls = method.build_calibration(loaded, calib_steps, calib_prompts, calib_text, progress=tick)
     if calls is not None:
         calibration = {"used": True, "calls": len(calls), "size": recipe.calib_size, "seed": recipe.seed,
                        "steps": calib_steps if loaded.is_pipeline else None,
@@ -118,7 +118,8 @@ def quantize_model(loaded: LoadedModel, recipe: Recipe, *, calib_prompts: str | 
         inputs = None
         if calls is not None:
             inputs = calls if block is root else capture_block_inputs(root, block, calls)
-        ctx = BlockContext(bname, block, by_block.get(bname, []), inputs, root)
+        ctx = BlockContext(bname, block, by_block.get(bname, []), inputs, root, calls=calls, progress=progress,
+                           work_dir=Path(work_dir) if work_dir is not None else None)
         for name, qmodule in method.quantize_block(ctx).items():
             set_submodule(root, name, qmodule)
             done[name] = qmodule

@@ -69,6 +69,13 @@ class ModelAdapter:
         """Inputs for a bare model with no sampler or tokenizer to drive it."""
         raise NotImplementedError
 
+    def bottleneck_name(self, root: nn.Module) -> str:
+        """The module whose input is the model's bottleneck feature (EDA-DM's TDAC scores it)."""
+        raise QuantkitError(f"{self.name} has no bottleneck feature for calibration selection")
+
+    def bottleneck(self, root: nn.Module) -> nn.Module:
+        return root.get_submodule(self.bottleneck_name(root))
+
     def add_outliers(self, root: nn.Module, factor: float, channels: int, seed: int) -> dict:
         """Plant activation-outlier channels by a function-preserving edit; returns what was done."""
         raise QuantkitError(f"{self.name} has no outlier transformation")

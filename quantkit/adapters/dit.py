@@ -36,6 +36,10 @@ class DiTAdapter(ModelAdapter):
             return "attention"
         return "linear"
 
+    def bottleneck_name(self, root: nn.Module) -> str:
+        # A DiT has no bottleneck: take the input of the middle transformer block.
+        return f"transformer_blocks.{len(root.transformer_blocks) // 2}"
+
     def add_outliers(self, root: nn.Module, factor: float, channels: int, seed: int) -> dict:
         """Channel outliers in attention out-projections and GEGLU down-projections."""
         done = {"kind": "attention-value+geglu", "factor": factor, "channels_per_layer": channels}

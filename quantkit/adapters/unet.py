@@ -60,6 +60,15 @@ class UNetAdapter(ModelAdapter):
             return "attention"
         return "conv" if isinstance(module, nn.Conv2d) else "linear"
 
+    def bottleneck_name(self, root: nn.Module) -> str:
+        # EDA-DM hooks the input of the middle attention (between the two middle ResBlocks).
+        mid = getattr(root, "mid_block", None)
+        if mid is not None and getattr(mid, "attentions", None):
+            return "mid_block.attentions.0"
+        if mid is not None and len(getattr(mid, "resnets", [])) > 1:
+            return "mid_block.resnets.1"
+        return "up_blocks.0.resnets.0"
+
     def add_outliers(self, root: nn.Module, factor: float, channels: int, seed: int) -> dict:
         """Channel outliers in attention out-projections and GEGLU down-projections."""
         done = {"kind": "attention-value+geglu", "factor": factor, "channels_per_layer": channels}

@@ -71,13 +71,43 @@ def quantize_mxfp4(x: torch.Tensor, spec: FormatSpec | None = None) -> tuple[tor
     """(codes uint8 [..., K], exponents uint8 [..., K/32]) of `x` [..., K]."""
     spec = spec or FormatSpec.mxfp4()
     spec.check_k(x.shape[-1])
-    exps = mx_exponents(x, spec.scale_mode)
-    scaled = _blocks(x.float()) / exponent_scale(exps).unsqueeze(-1)
+    if spec.scale_mode == "duquantpp_log8":
+        exps = duquantpp_log8_scales(x)  # fp32 scale values, not E8M0 exponents
+    else:
+        exps = mx_exponents(x, spec.scale_mode)
+    scaled = _blocks(x.float()) / block_scale(exps).unsqueeze(-1)
     return encode_e2m1(scaled).reshape(x.shape), exps
 
 
+def block_scale(exps: torch.Tensor) -> torch.Tensor:
+    """Per-32 scale values: E8M0 codes (uint8) decoded, fp32 log8 scales passed through."""
+    return exps.float() if exps.is_floating_point() else exponent_scale(exps)
+
+
+def duquantpp_log8_scales(x: torch.Tensor) -> torch.Tensor:
+    """The official DuQuant++ code's scale rule (`cast_to_eBm0_improved`), kept for reproduction.
+
+    s = amax/6 per 32-block, then snapped down onto a 256-level log-uniform grid spanning the
+    smallest..largest block scale of the whole tensor passed in: finer than E8M0 powers of two and
+    not an OCP MX format. Returned as the fp32 scale values [..., K/32] (the stored form)."""
+    amax = _blocks(x.float()).abs().amax(dim=-1)
+    s = amax / 6.0
+    pos = s > 0
+    if not bool(pos.any()):
+        return torch.ones_like(s)
+    ls = torch.log2(torch.where(pos, s, s[pos].min()))
+    lo, hi = ls.min(), ls.max()
+    span = hi - lo
+    if float(span) == 0.0:
+        return torch.where(pos, torch.exp2(ls), torch.ones_like(s))
+    code = torch.floor(255.0 * (ls - lo) / span).clamp(0, 255)
+    snapped = torch.exp2(lo + span * code / 255.0)
+    # An all-zero block encodes exactly with any positive scale.
+    return torch.where(pos, snapped, torch.ones_like(s))
+
+
 def dequantize_mxfp4(codes: torch.Tensor, exps: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    vals = _blocks(decode_e2m1(codes)) * exponent_scale(exps).unsqueeze(-1)
+    vals = _blocks(decode_e2m1(codes)) * block_scale(exps).unsqueeze(-1)
     return vals.reshape(codes.shape).to(dtype)
 
 

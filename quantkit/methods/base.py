@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -44,6 +45,9 @@ class BlockContext:
     inputs: list[CallArgs] | None
     root: nn.Module
     stats: dict[str, Any] = field(default_factory=dict)
+    calls: list[CallArgs] | None = None  # the root-level calibration calls the inputs came from
+    progress: Callable[[str, int, int], None] | None = None  # (what, done, total) for long per-block work
+    work_dir: Path | None = None  # where a method may keep per-block progress to resume a killed run
 
     def local_name(self, task: LayerTask) -> str:
         return task.name[len(self.name) + 1:] if self.name else task.name
@@ -65,6 +69,14 @@ class Method:
 
     def needs_calibration(self, tasks: list[LayerTask]) -> bool:
         return any(t.plan.activation is not None and not t.plan.activation.dynamic for t in tasks if not t.plan.skip)
+
+    def build_calibration(self, loaded: Any, steps: int, prompts_file: str | None, text_file: str | None,
+                          progress: Callable[[int], None] | None = None) -> list[CallArgs]:
+        """Calibration calls when none were given (methods may select their own, e.g. EDA-DM's TDAC)."""
+        from quantkit.calib.capture import calibration_calls
+
+        return calibration_calls(loaded, self.recipe.calib_size, self.recipe.seed, steps, prompts_file, text_file,
+                                 progress=progress)
 
     def quantize_block(self, ctx: BlockContext) -> dict[str, nn.Module]:
         """Return {layer full name: quantized module} for the block's non-skipped layers."""

@@ -1,0 +1,243 @@
+"""DuQuant (block-128 rotation, zigzag permutation, second rotation) and DuQuant++ (one block-32
+rotation for MXFP4, optional GPTQ); METHODS.md §5. Also the engine EAQuant builds on.
+
+Per decoder block: optional smoothing folded into the norms, one capture of every quantized
+layer's calibration inputs, then per layer: fit the rotation on its (smoothed) inputs, rotate the
+weight along its input dimension, quantize it (MSE clipping for int, or GPTQ), and store the
+rotation in the quantized module, which applies it to activations online. Fused experts are
+handled per expert on the tokens routed to each (every expert, never skipped).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from quantkit.adapters import adapter_for
+from quantkit.errors import QuantkitError
+from quantkit.formats.qweight import QuantizedWeight
+from quantkit.formats.spec import FormatSpec
+from quantkit.layers import LayerTask, build_quantized, make_act
+from quantkit.methods.base import BlockContext, Method, register
+from quantkit.methods.expert_balance import select_expert_tokens, token_target
+from quantkit.nn import QuantExperts, QuantLinear
+from quantkit.quant_router import QuantRouter
+from quantkit.quantizers.clip_search import mse_clip_quantize
+from quantkit.quantizers.gptq import gptq_quantize, hessian
+from quantkit.quantizers.online_rotation import OnlineRotation
+from quantkit.quantizers.rotation import RotationConfig, fit_rotation
+from quantkit.quantizers.smoothing import SmoothingStats, fold_scale, norm_groups, smoothquant_scale
+
+log = logging.getLogger(__name__)
+
+# Official DuQuant defaults (run.sh); DuQuant++ recipes set block 32, steps 128, permute false.
+DEFAULTS: dict[str, Any] = {
+    "smooth": True, "alpha": 0.6, "rotate": True, "block": 128, "steps": 256, "permute": True,
+    "shared_rotation": False, "row_index_quirk": False, "rotation_seed": 0, "weight_clip": "mse",
+    "gptq": False, "gptq_percdamp": 0.01, "rotate_router": True,
+    "balance": "none", "expert_token_ratio": 2.0, "expert_token_target": None,
+}
+
+
+class _Capture:
+    """Inputs of every quantized layer (and router outputs) over the block's calibration calls."""
+
+    def __init__(self, tasks: list[LayerTask], routers: dict[str, nn.Module]) -> None:
+        self.x: dict[str, list[torch.Tensor]] = {}
+        self.idx: dict[str, list[torch.Tensor]] = {}
+        self.logits: dict[str, list[torch.Tensor]] = {}
+        self.handles = []
+        for t in tasks:
+            self.handles.append(t.module.register_forward_pre_hook(self._pre(t.name, t.kind), with_kwargs=True))
+        for name, r in routers.items():
+            self.handles.append(r.register_forward_hook(self._out(name)))
+
+    def _pre(self, name: str, kind: str):
+        def hook(_m, args, kwargs):
+            x = args[0] if args else kwargs["hidden_states"]
+            self.x.setdefault(name, []).append(x.detach().reshape(-1, x.shape[-1]))
+            if kind == "experts":
+                idx = args[1] if len(args) > 1 else kwargs["top_k_index"]
+                self.idx.setdefault(name, []).append(idx.detach().reshape(-1, idx.shape[-1]))
+        return hook
+
+    def _out(self, name: str):
+        def hook(_m, _a, out):
+            logits = out[0] if isinstance(out, (tuple, list)) else out
+            self.logits.setdefault(name, []).append(logits.detach().reshape(-1, logits.shape[-1]))
+            if isinstance(out, (tuple, list)):
+                idx = next((o for o in out if isinstance(o, torch.Tensor) and not o.is_floating_point()), None)
+                if idx is not None:
+                    self.idx.setdefault(name, []).append(idx.detach().reshape(-1, idx.shape[-1]))
+        return hook
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+    @staticmethod
+    def cat(d: dict[str, list[torch.Tensor]], name: str) -> torch.Tensor | None:
+        return torch.cat(d[name]) if d.get(name) else None
+
+
+def _stack(parts: list[QuantizedWeight], shape: tuple[int, ...], spec: FormatSpec) -> QuantizedWeight:
+    return QuantizedWeight(torch.stack([p.packed for p in parts]), torch.stack([p.scale for p in parts]),
+                           None if parts[0].zero is None else torch.stack([p.zero for p in parts]), shape, spec)
+
+
+def _parent(name: str) -> str:
+    return name.rpartition(".")[0]
+
+
+@register("duquant")
+class DuQuant(Method):
+    """Options (recipe method_options) and defaults: see DEFAULTS."""
+
+    defaults = DEFAULTS
+
+    def __init__(self, recipe) -> None:
+        super().__init__(recipe)
+        unknown = set(self.options) - set(self.defaults)
+        if unknown:
+            raise QuantkitError(f"unknown {self.name} option(s) {sorted(unknown)}; allowed: {', '.join(sorted(self.defaults))}")
+        self.opt = {**self.defaults, **self.options}
+        if self.opt["weight_clip"] not in ("mse", "none"):
+            raise QuantkitError(f"weight_clip must be 'mse' or 'none', got {self.opt['weight_clip']!r}")
+        self.rot_cfg = RotationConfig(int(self.opt["block"]), int(self.opt["steps"]), bool(self.opt["permute"]),
+                                      bool(self.opt["shared_rotation"]), bool(self.opt["row_index_quirk"]),
+                                      int(self.opt["rotation_seed"]))
+
+    def needs_calibration(self, tasks: list[LayerTask]) -> bool:
+        return True
+
+    # ---- the block ---------------------------------------------------------------------------
+    def quantize_block(self, ctx: BlockContext) -> dict[str, nn.Module]:
+        if ctx.inputs is None:
+            raise QuantkitError(f"method {self.name} needs calibration data")
+        adapter = adapter_for(ctx.root)
+        tasks = [t for t in ctx.tasks if not t.plan.skip]
+        if self.opt["smooth"] and adapter.kind == "lm":
+            self.smooth(ctx, adapter)
+        routers = {n: m for n, m in ctx.block.named_modules() if n and adapter.role(n, m) == "router"
+                   and not isinstance(m, nn.Linear)}
+        cap = _Capture(tasks, routers)
+        try:
+            ctx.run()
+        finally:
+            cap.remove()
+        self.tokens_per_sample = max(1, sum(x.shape[0] for x in next(iter(cap.x.values()), [])) // len(ctx.inputs))
+        out = {}
+        for t in tasks:
+            x = _Capture.cat(cap.x, t.name)
+            if x is None:
+                raise QuantkitError(f"{t.name} received no calibration input; cannot quantize it with {self.name}")
+            if t.kind == "linear":
+                out[t.name] = self.quantize_linear(t, x)
+            elif t.kind == "router":
+                local = t.name[len(ctx.name) + 1:] if ctx.name else t.name
+                out[t.name] = self.quantize_router(t, x, _Capture.cat(cap.idx, local))
+            elif t.kind == "experts":
+                local = t.name[len(ctx.name) + 1:] if ctx.name else t.name
+                logits = next((_Capture.cat(cap.logits, r) for r in routers if _parent(r) == _parent(local)), None)
+                out[t.name] = self.quantize_experts(t, x, _Capture.cat(cap.idx, t.name), logits)
+            else:
+                log.warning("%s: %s has no %s path; round-to-nearest", t.name, t.kind, self.name)
+                out[t.name] = build_quantized(t)
+        return out
+
+    def smooth(self, ctx: BlockContext, adapter) -> None:
+        """Fold smoothing scales into the block's norms (SmoothQuant over all consumers)."""
+        groups = norm_groups(ctx.block, adapter)
+        with SmoothingStats(groups) as stats:
+            ctx.run()
+        for gi, g in enumerate(groups):
+            if gi in stats.act and g.weights():
+                fold_scale(g, self.smoothing_scale(g, stats, gi))
+
+    def smoothing_scale(self, g, stats: SmoothingStats, gi: int) -> torch.Tensor:
+        return smoothquant_scale(stats.act[gi], g.weights(), float(self.opt["alpha"]))
+
+    # ---- layers ------------------------------------------------------------------------------
+    def fit(self, x: torch.Tensor) -> tuple | None:
+        return fit_rotation(x, self.rot_cfg) if self.opt["rotate"] else None
+
+    def quantize_weight(self, w: torch.Tensor, spec: FormatSpec, x_in: torch.Tensor) -> QuantizedWeight:
+        """Rotated weight [N, K] -> codes; x_in: the layer's rotated, fake-quantized inputs (GPTQ's Hessian)."""
+        if self.opt["gptq"]:
+            return gptq_quantize(w, hessian(x_in), spec, percdamp=float(self.opt["gptq_percdamp"]))
+        if self.opt["weight_clip"] == "mse" and spec.kind == "int":
+            return mse_clip_quantize(w, spec)
+        return QuantizedWeight.quantize(w, spec)
+
+    def _rotated(self, x: torch.Tensor, w: torch.Tensor, parts: tuple | None) -> tuple[torch.Tensor, torch.Tensor, OnlineRotation | None]:
+        if parts is None:
+            return x, w, None
+        rot = OnlineRotation.from_parts(*parts)
+        return rot(x), rot.transform_weight(w.detach()), rot
+
+    @torch.no_grad()
+    def quantize_linear(self, t: LayerTask, x: torch.Tensor) -> nn.Module:
+        act = make_act(t.plan.activation, "linear")
+        xr, wr, rot = self._rotated(x, t.module.weight, self.fit(x))
+        qw = self.quantize_weight(wr, t.plan.weight, act(xr) if act is not None else xr)
+        q = QuantLinear.from_linear(t.module, t.plan.weight, act, qw)
+        q.rotation = rot
+        return q
+
+    @torch.no_grad()
+    def quantize_router(self, t: LayerTask, x: torch.Tensor, idx: torch.Tensor | None) -> nn.Module:
+        act = make_act(t.plan.activation, "linear")
+        parts = self.fit(x) if self.opt["rotate_router"] else None
+        xr, wr, rot = self._rotated(x, t.module.weight, parts)
+        x_in = act(xr) if act is not None else xr
+        qw, info = self.router_weight(wr, t.plan.weight, x_in, idx)
+        q = QuantRouter.from_router(t.module, t.plan.weight, act, qw)
+        q.rotation = rot
+        if info:
+            q.calibration_info = {"router": info}
+        return q
+
+    def router_weight(self, w: torch.Tensor, spec: FormatSpec, x_in: torch.Tensor,
+                      idx: torch.Tensor | None) -> tuple[QuantizedWeight, dict | None]:
+        return self.quantize_weight(w, spec, x_in), None
+
+    @torch.no_grad()
+    def quantize_experts(self, t: LayerTask, x: torch.Tensor, idx: torch.Tensor, logits: torch.Tensor | None) -> nn.Module:
+        m, spec = t.module, t.plan.weight
+        gu, dn = m.gate_up_proj.detach(), m.down_proj.detach()
+        n_exp = gu.shape[0]
+        target = self.opt["expert_token_target"]
+        if target is None:
+            target = token_target(idx.shape[-1], n_exp, self.tokens_per_sample, float(self.opt["expert_token_ratio"]))
+        sel, info = select_expert_tokens(idx, logits, n_exp, int(target), self.opt["balance"], self.recipe.seed)
+        act_in, act_mid = make_act(t.plan.activation, "experts"), make_act(t.plan.activation, "experts")
+        q_gu, q_dn, r_in, r_mid = [], [], [], []
+        for e in range(n_exp):
+            xe = x[sel[e]]
+            p_in = self.fit(xe)
+            xr, wr, rot = self._rotated(xe, gu[e], p_in)
+            q_gu.append(self.quantize_weight(wr, spec, act_in(xr) if act_in is not None else xr))
+            g, u = torch.nn.functional.linear(xe, gu[e]).chunk(2, dim=-1)
+            h = m.act_fn(g) * u
+            p_mid = self.fit(h)
+            hr, wr, _ = self._rotated(h, dn[e], p_mid)
+            q_dn.append(self.quantize_weight(wr, spec, act_mid(hr) if act_mid is not None else hr))
+            r_in.append(p_in)
+            r_mid.append(p_mid)
+        q = QuantExperts.from_experts(m, spec, act_in, act_mid, _stack(q_gu, tuple(gu.shape), spec),
+                                      _stack(q_dn, tuple(dn.shape), spec))
+        if self.opt["rotate"]:
+            q.rot_in = _stacked_rotation(r_in, n_exp)
+            q.rot_mid = _stacked_rotation(r_mid, n_exp)
+        q.calibration_info = info
+        log.info("%s: tokens per expert %s (target %d)", t.name, info["expert_tokens"], info["token_target"])
+        return q
+
+
+def _stacked_rotation(parts: list[tuple], n_exp: int) -> OnlineRotation:
+    rot1 = torch.stack([p[0] for p in parts])
+    perm = None if parts[0][1] is None else torch.stack([p[1] for p in parts])
+    rot2 = None if parts[0][2] is None else torch.stack([p[2] for p in parts])
+    return OnlineRotation.from_parts(rot1, perm, rot2, experts=n_exp)

@@ -1,0 +1,102 @@
+"""EDA-DM (Liu et al., arXiv 2401.04585): TDAC calibration selection + fine-grained block
+reconstruction (block loss + lambda_add * per-layer output losses) with AdaRound (or FlexRound),
+LSQ activation steps and QDrop input mixing. One set of parameters for all timesteps.
+
+`ReconMethod` is the shared driver of every block-reconstruction method (flexround reuses it).
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any, Callable
+
+from torch import nn
+
+from quantkit.adapters.base import CallArgs
+from quantkit.layers import LayerTask
+from quantkit.methods.base import BlockContext, Method, register
+from quantkit.methods.rtn import RTN
+from quantkit.recon.engine import ReconConfig, reconstruct_block
+from quantkit.recon.resume import BlockStore, fingerprint
+
+log = logging.getLogger(__name__)
+
+# Method options that are not reconstruction settings.
+SELECTION_OPTIONS = {"calib_selection": "eda-dm", "lamda": 1.0, "radius": None, "guidance_scale": None,
+                     "trajectory_batch": 16}
+
+
+class ReconMethod(Method):
+    """Block by block: capture FP inputs from a full-precision copy of the model, reconstruct, ship."""
+
+    recon_defaults: dict[str, Any] = {}
+
+    def __init__(self, recipe) -> None:
+        super().__init__(recipe)
+        unknown = set(self.options) - set(ReconConfig.__dataclass_fields__) - set(SELECTION_OPTIONS)
+        if unknown:
+            from quantkit.errors import QuantkitError
+
+            raise QuantkitError(f"unknown method_options {sorted(unknown)} for {self.name}; allowed: "
+                                f"{', '.join(sorted(set(ReconConfig.__dataclass_fields__) | set(SELECTION_OPTIONS)))}")
+        self.cfg = ReconConfig.from_options(self.options, **{"seed": recipe.seed, **self.recon_defaults})
+        self._fp_root: nn.Module | None = None
+        self.block_stats: dict[str, dict[str, float]] = {}
+
+    def needs_calibration(self, tasks: list[LayerTask]) -> bool:
+        return True
+
+    def quantize_block(self, ctx: BlockContext) -> dict[str, nn.Module]:
+        tasks = [t for t in ctx.tasks if not t.plan.skip]
+        if self._fp_root is None:
+            # The first block is handed over before any layer is swapped: the root is still FP.
+            self._fp_root = copy.deepcopy(ctx.root).eval()
+        if ctx.inputs is None or ctx.calls is None or ctx.block is ctx.root:
+            # Layers outside every block (rare; the default recipes skip them): calibrated RTN.
+            log.info("%s: no block to reconstruct for %d layers outside blocks; using RTN", self.name, len(tasks))
+            return RTN(self.recipe).quantize_block(ctx)
+        from quantkit.pipeline import capture_block_inputs
+
+        fp_calls = capture_block_inputs(self._fp_root, self._fp_root.get_submodule(ctx.name), ctx.calls)
+        store = BlockStore(ctx.work_dir) if ctx.work_dir is not None else None
+        fp = fingerprint(self.recipe.to_dict(), ctx.name, ctx.block, fp_calls) if store else ""
+        if store is not None:
+            cached = store.load(ctx.name, fp, tasks)
+            if cached is not None:
+                log.info("block %s: resumed from %s", ctx.name, ctx.work_dir)
+                self.block_stats[ctx.name] = cached[1]
+                return cached[0]
+        result = reconstruct_block(ctx.name, ctx.block, tasks, ctx.inputs, fp_calls, self.cfg, ctx.progress)
+        stats = {"loss_start": result.loss_start, "loss_end": result.loss_end}
+        self.block_stats[ctx.name] = stats
+        ctx.stats.update(stats)
+        if store is not None:
+            store.save(ctx.name, fp, result.modules, stats)
+        return result.modules
+
+    def build_calibration(self, loaded: Any, steps: int, prompts_file: str | None, text_file: str | None,
+                          progress: Callable[[int], None] | None = None) -> list[CallArgs]:
+        """EDA-DM selects its own samples (TDAC) when no calibration file is given."""
+        selection = self.options.get("calib_selection", self.default_selection)
+        if selection == "all" or not loaded.is_pipeline:
+            return super().build_calibration(loaded, steps, prompts_file, text_file, progress)
+        from quantkit.calib.calib_file import batch_items
+        from quantkit.calib.selection import select_calibration
+        from quantkit.calib.data_files import read_prompts
+
+        opts = {**SELECTION_OPTIONS, **self.options}
+        cs = select_calibration(loaded, selection, self.recipe.calib_size, self.recipe.seed, steps,
+                                read_prompts(prompts_file), opts["guidance_scale"], float(opts["lamda"]),
+                                opts["radius"], int(opts["trajectory_batch"]))
+        self.selection_provenance = cs.provenance
+        return batch_items(cs.items, self.cfg.batch_size)
+
+    default_selection = "eda-dm"
+
+
+@register("eda-dm")
+class EDADM(ReconMethod):
+    # Defaults: the official SD (MS-COCO) W4A8 run script scaled to the zoo (iters 1000 -> 200).
+    recon_defaults = {"rounding": "adaround", "lambda_add": 0.8, "fbr_layers": "all", "input_prob": 0.5,
+                      "act_drop_prob": 0.5, "weight_init": "mse", "act_init": "mse", "lr_w": 3e-2, "lr_a": 1e-4,
+                      "iters": 200, "batch_size": 8, "round_reg": False}

@@ -1,0 +1,57 @@
+"""Expert-level calibration balance (EAQuant §3.3): which calibration tokens each expert is quantized on.
+
+Natural routing first; an expert under its token target gets the calibration tokens its router
+scores highest among those not already routed to it (forced routing), until it reaches the target;
+an expert that still has none is calibrated on the whole layer input. Everything is counted and
+returned for quantization.json and the CLI, so no expert is skipped silently.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+BALANCE_MODES = ("force", "none")
+
+
+def token_target(top_k: int, num_experts: int, tokens_per_sample: int, ratio: float) -> int:
+    """T = int(k/n * L * r) (the code's `seq_length * k/n * expert_token_num_ratio`)."""
+    return int(top_k / num_experts * tokens_per_sample * ratio)
+
+
+def select_expert_tokens(top_k_index: torch.Tensor, router_logits: torch.Tensor | None, num_experts: int,
+                         target: int, mode: str = "force", seed: int = 0) -> tuple[list[torch.Tensor], dict[str, Any]]:
+    """Token indices (into the layer input) each expert is calibrated on, and the counts.
+
+    top_k_index [T, k] (natural routing; index E marks masked slots), router_logits [T, E] or None
+    (then forced tokens are drawn in a seeded random order)."""
+    if mode not in BALANCE_MODES:
+        raise ValueError(f"unknown expert balance {mode!r}; allowed: {', '.join(BALANCE_MODES)}")
+    t = top_k_index.shape[0]
+    gen = torch.Generator().manual_seed(seed)
+    natural, used, forced, fallback = [], [], [], []
+    for e in range(num_experts):
+        routed = (top_k_index == e).any(dim=-1)
+        sel = torch.where(routed)[0]
+        natural.append(int(sel.numel()))
+        if mode == "force" and sel.numel() < target and sel.numel() < t:
+            if router_logits is not None:
+                order = torch.argsort(router_logits[:, e].float(), descending=True, stable=True)
+            else:
+                order = torch.randperm(t, generator=gen)
+            extra = order[~routed[order]][: target - sel.numel()]
+            sel = torch.cat([sel, extra])
+            forced.append(e)
+        if sel.numel() == 0:
+            sel = torch.arange(t)
+            fallback.append(e)
+        used.append(sel)
+    info = {"expert_tokens": natural, "expert_tokens_used": [int(u.numel()) for u in used], "token_target": target,
+            "balance": mode, "under_target": [e for e, c in enumerate(natural) if c < target],
+            "forced": forced, "layer_input_fallback": fallback}
+    if fallback:
+        log.warning("experts %s got no calibration token; calibrated on the whole layer input", fallback)
+    return used, info

@@ -1,0 +1,119 @@
+"""OnlineRotation: the stored DuQuant / DuQuant++ input transform, applied to activations at inference.
+
+Buffers: rot1 [*E, G, b, b], optional perm [*E, K] and rot2 [*E, G, b, b] (E = one per expert for
+fused experts). The weights were multiplied by the same transform when quantized, so the layer
+computes (x T) (W T)^T = x W^T up to quantization. `record()` / `empty()` let a checkpoint rebuild the
+module's geometry before its buffers are loaded.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from quantkit.quantizers.rotation import apply_blocks, transform_rows
+
+
+class OnlineRotation(nn.Module):
+    def __init__(self, k: int, block: int, permute: bool, experts: int | None = None) -> None:
+        super().__init__()
+        self.k, self.block, self.permute, self.experts = k, block, permute, experts
+        lead = () if experts is None else (experts,)
+        g = k // block
+        self.register_buffer("rot1", torch.zeros(*lead, g, block, block))
+        self.register_buffer("perm", torch.zeros(*lead, k, dtype=torch.long) if permute else None)
+        self.register_buffer("rot2", torch.zeros(*lead, g, block, block) if permute else None)
+
+    @classmethod
+    def from_parts(cls, rot1: torch.Tensor, perm: torch.Tensor | None, rot2: torch.Tensor | None,
+                   experts: int | None = None) -> "OnlineRotation":
+        """From fitted parts; with `experts`, the parts carry a leading expert dimension."""
+        k = rot1.shape[-3] * rot1.shape[-1]
+        m = cls(k, rot1.shape[-1], perm is not None, experts)
+        m.rot1 = rot1.float().contiguous()
+        if perm is not None:
+            m.perm = perm.long().contiguous()
+            m.rot2 = rot2.float().contiguous()
+        return m
+
+    def record(self) -> dict[str, Any]:
+        return {"k": self.k, "block": self.block, "permute": self.permute, "experts": self.experts}
+
+    @classmethod
+    def empty(cls, rec: dict[str, Any]) -> "OnlineRotation":
+        return cls(int(rec["k"]), int(rec["block"]), bool(rec["permute"]), rec.get("experts"))
+
+    def fused_rotation(self) -> torch.Tensor | None:
+        """The [K/32, 32, 32] matrix the fused MXFP4 kernels can apply, when that is all there is."""
+        if self.block == 32 and not self.permute and self.experts is None:
+            return self.rot1
+        return None
+
+    def _parts(self, expert: int | None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        if expert is None:
+            return self.rot1, self.perm, self.rot2
+        return self.rot1[expert], None if self.perm is None else self.perm[expert], \
+            None if self.rot2 is None else self.rot2[expert]
+
+    def forward(self, x: torch.Tensor, expert: int | None = None) -> torch.Tensor:
+        rot1, perm, rot2 = self._parts(expert)
+        x = apply_blocks(x, rot1)
+        if perm is not None:
+            x = apply_blocks(x[..., perm], rot2)
+        return x
+
+    def transform_weight(self, w: torch.Tensor, expert: int | None = None) -> torch.Tensor:
+        """W [N, K] -> W T in float64 then w's dtype (weights are rotated once, offline)."""
+        return transform_rows(w, *self._parts(expert)).to(w.dtype)
+
+    def extra_repr(self) -> str:
+        e = "" if self.experts is None else f", experts={self.experts}"
+        return f"k={self.k}, block={self.block}, permute={self.permute}{e}"
+
+
+def rotation_records(qmodule: nn.Module) -> dict[str, Any]:
+    """Checkpoint record entries for the rotations a quantized module carries (empty if none)."""
+    out = {}
+    for attr in ("rotation", "rot_in", "rot_mid"):
+        r = getattr(qmodule, attr, None)
+        if isinstance(r, OnlineRotation):
+            out[attr] = r.record()
+    return out
+
+
+def attach_empty_rotations(qmodule: nn.Module, rec: dict[str, Any] | None) -> nn.Module:
+    """Give an empty quantized module the rotation submodules its checkpoint record names."""
+    for attr in ("rotation", "rot_in", "rot_mid"):
+        if rec and rec.get(attr):
+            setattr(qmodule, attr, OnlineRotation.empty(rec[attr]))
+    return qmodule
+
+
+@torch.no_grad()
+def rotated_experts_forward(m: nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor,
+                            top_k_weights: torch.Tensor) -> torch.Tensor:
+    """QuantExperts forward with per-expert online rotations of the gate/up and down inputs
+    (pure torch; the fused MoE kernel has no rotation or activation-quantization path)."""
+    out = torch.zeros_like(hidden)
+    w_gu = m.gate_up.dequantize(hidden.dtype)  # [E, 2I, H]
+    w_dn = m.down.dequantize(hidden.dtype)  # [E, H, I]
+    for e in torch.unique(top_k_index).tolist():
+        if not 0 <= e < m.num_experts:  # transformers marks masked-out slots with index E
+            continue
+        token_idx, slot = torch.where(top_k_index == e)
+        x = hidden[token_idx]
+        if m.rot_in is not None:
+            x = m.rot_in(x, e)
+        if m.act_in is not None:
+            x = m.act_in(x)
+        gate, up = F.linear(x, w_gu[e], None if m.gate_up_bias is None else m.gate_up_bias[e]).chunk(2, dim=-1)
+        h = m.act_fn(gate) * up
+        if m.rot_mid is not None:
+            h = m.rot_mid(h, e)
+        if m.act_mid is not None:
+            h = m.act_mid(h)
+        y = F.linear(h, w_dn[e], None if m.down_bias is None else m.down_bias[e])
+        out.index_add_(0, token_idx, (y * top_k_weights[token_idx, slot, None]).to(out.dtype))
+    return out

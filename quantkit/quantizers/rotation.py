@@ -1,0 +1,187 @@
+"""DuQuant / DuQuant++ rotation search (pure torch; METHODS.md §5.1-5.2).
+
+Row-vector convention throughout: a layer input x [T, K] becomes x @ T for an orthogonal T, and the
+weight W [N, K] becomes W @ T along its input dimension, so that (x T)(W T)^T = x W^T exactly.
+T = blockdiag(R1) . P . blockdiag(R2) (DuQuant) or blockdiag(R) (DuQuant++), with K/b blocks of b.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+
+from quantkit.errors import QuantkitError
+
+
+@dataclass(frozen=True)
+class RotationConfig:
+    """How the greedy block rotation is searched.
+
+    block: rotation block size (128 DuQuant, 32 DuQuant++ = the MX group).
+    steps: greedy steps (max_rotation_step).
+    permute: zigzag permutation then a second rotation (DuQuant); False = one rotation (DuQuant++).
+    shared: one b x b matrix for every block, as the official code does (`x.reshape(-1, n) @ R`);
+        False (default, the paper) = each block gets its own greedy rotation.
+    row_index_quirk: the code picks the swap target d from the *row* index of the reshaped input
+        (`exchange_id % n`); False (default, the paper) = the channel holding the largest outlier.
+    """
+
+    block: int = 128
+    steps: int = 256
+    permute: bool = True
+    shared: bool = False
+    row_index_quirk: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.block < 2 or self.block & (self.block - 1):
+            raise QuantkitError(f"rotation block must be a power of two >= 2, got {self.block}")
+        if self.steps < 0:
+            raise QuantkitError(f"rotation steps must be >= 0, got {self.steps}")
+
+    def block_for(self, k: int) -> int:
+        """The block size used for an input of K channels (the largest power of two <= block dividing K)."""
+        b = math.gcd(k, self.block)
+        if b < 2:
+            raise QuantkitError(f"input dimension {k} has no power-of-two block of at least 2 for rotation")
+        return b
+
+
+def uniform_row_rotation(n: int) -> torch.Tensor:
+    """R~ [n, n] orthogonal with row 0 uniform (1/sqrt n): the product of Givens rotations
+    G_i on (i, i+1), cos = 1/sqrt(i+2), sin = sqrt(i+1)/sqrt(i+2), then rows/cols 0 and n-1 swapped
+    (the official `get_rot.py` construction). float64."""
+    return _uniform_row_rotation(n).clone()
+
+
+@functools.lru_cache(maxsize=8)
+def _uniform_row_rotation(n: int) -> torch.Tensor:
+    r = torch.eye(n, dtype=torch.float64)
+    for i in range(n - 1):
+        c, s = 1.0 / math.sqrt(i + 2), math.sqrt(i + 1) / math.sqrt(i + 2)
+        # G_i @ r touches rows i and i+1 only.
+        ri, rj = r[i].clone(), r[i + 1].clone()
+        r[i], r[i + 1] = c * ri - s * rj, s * ri + c * rj
+    idx = torch.arange(n)
+    idx[0], idx[n - 1] = n - 1, 0
+    r = r[idx][:, idx]
+    if not torch.allclose(r[0].abs(), torch.full((n,), 1 / math.sqrt(n), dtype=torch.float64), atol=1e-9):
+        # The Givens chain leaves the uniform vector in the last row before the swap; fall back to the
+        # symmetric Householder map e0 -> u should a sign convention ever differ.
+        u = torch.full((n,), 1 / math.sqrt(n), dtype=torch.float64)
+        v = torch.zeros(n, dtype=torch.float64)
+        v[0] = 1.0
+        v = v - u
+        r = torch.eye(n, dtype=torch.float64) - 2 * torch.outer(v, v) / (v @ v)
+    return r
+
+
+def base_rotation(n: int, generator: torch.Generator) -> torch.Tensor:
+    """R = diag(1, Q') R~ [n, n] with Q' a random orthogonal (n-1)x(n-1) (QR of a Gaussian).
+
+    Q' multiplies from the left so the uniform row 0 survives: in x @ R the channel swapped into
+    position 0 is spread evenly over the block, the rest is randomized."""
+    r = uniform_row_rotation(n)
+    q, rr = torch.linalg.qr(torch.randn(n - 1, n - 1, generator=generator, dtype=torch.float64))
+    q = q * torch.sign(torch.diagonal(rr)).unsqueeze(0)
+    d = torch.eye(n, dtype=torch.float64)
+    d[1:, 1:] = q
+    return d @ r
+
+
+def _swapped(base: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """E_d R E_d for each d [G]: rows and columns 0 and d of `base` exchanged -> [G, n, n]."""
+    n = base.shape[0]
+    idx = torch.arange(n).expand(len(d), n).clone()
+    rows = torch.arange(len(d))
+    idx[rows, 0] = d
+    idx[rows, d] = 0
+    return base[idx.unsqueeze(-1), idx.unsqueeze(-2)]
+
+
+@torch.no_grad()
+def greedy_block_rotation(x: torch.Tensor, cfg: RotationConfig, b: int, generator: torch.Generator) -> torch.Tensor:
+    """Greedy outlier-driven rotation of x [T, K] in blocks of b -> [K/b, b, b] (float64).
+
+    Each step finds a block's largest-magnitude element, swaps its channel d into position 0 and
+    rotates by E_d R E_d (spreading it over the block); the prefix of steps with the smallest
+    peak (max - min of the block) is kept."""
+    t, k = x.shape
+    g = k // b
+    base = base_rotation(b, generator)
+    xb = x.double().reshape(t, g, b)
+    if cfg.shared:  # the code: one matrix for all blocks, searched on x.reshape(-1, b)
+        xb = xb.reshape(t * g, 1, b)
+    nb = xb.shape[1]
+    total = torch.eye(b, dtype=torch.float64).expand(nb, b, b).clone()
+    best = total.clone()
+    best_peak = xb.amax(dim=(0, 2)) - xb.amin(dim=(0, 2))
+    for _ in range(cfg.steps):
+        flat = xb.abs().transpose(0, 1).reshape(nb, -1)  # [nb, T*b], row-major over (token, channel)
+        pos = flat.argmax(dim=-1)
+        d = (pos // b) % b if cfg.row_index_quirk else pos % b
+        rd = _swapped(base, d)  # [nb, b, b]
+        xb = torch.einsum("tgi,gij->tgj", xb, rd)
+        total = total @ rd
+        peak = xb.amax(dim=(0, 2)) - xb.amin(dim=(0, 2))
+        better = peak < best_peak
+        best_peak = torch.where(better, peak, best_peak)
+        best[better] = total[better]
+    return best.expand(g, b, b).clone() if cfg.shared else best
+
+
+def zigzag_permutation(x: torch.Tensor, b: int) -> torch.Tensor:
+    """Channel order [K] dealing channels by descending max|x_c| into the K/b blocks in zigzag order
+    (0, 1, .., G-1, G-1, .., 0, 0, 1, ..), so each block gets a similar share of large channels."""
+    k = x.shape[-1]
+    g = k // b
+    order = torch.argsort(x.abs().amax(dim=0), descending=True, stable=True)
+    blocks: list[list[int]] = [[] for _ in range(g)]
+    for i, c in enumerate(order.tolist()):
+        cycle, pos = divmod(i, g)
+        blocks[pos if cycle % 2 == 0 else g - 1 - pos].append(c)
+    return torch.tensor([c for blk in blocks for c in blk], dtype=torch.long)
+
+
+def apply_blocks(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+    """x [..., K] times blockdiag(rot) with rot [K/b, b, b]; fp32 accumulation, result in x's dtype
+    (the same arithmetic as the fused kernels' rotate_blocks for b = 32)."""
+    g, b, _ = rot.shape
+    xb = x.reshape(*x.shape[:-1], g, 1, b).float()
+    return (xb @ rot.to(x.dtype).float()).reshape(x.shape).to(x.dtype)
+
+
+@torch.no_grad()
+def fit_rotation(x: torch.Tensor, cfg: RotationConfig) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(rot1 [G, b, b], perm [K] or None, rot2 [G, b, b] or None) for calibration inputs x [T, K].
+
+    x is assumed already smoothed. All matrices fp32 (stored form)."""
+    if x.dim() != 2 or x.shape[0] == 0:
+        raise QuantkitError(f"rotation needs calibration inputs [tokens, channels], got shape {tuple(x.shape)}")
+    b = cfg.block_for(x.shape[-1])
+    gen = torch.Generator().manual_seed(cfg.seed)
+    x = x.double()
+    rot1 = greedy_block_rotation(x, cfg, b, gen)
+    if not cfg.permute:
+        return rot1.float(), None, None
+    x1 = _apply64(x, rot1)
+    perm = zigzag_permutation(x1, b)
+    rot2 = greedy_block_rotation(x1[:, perm], cfg, b, gen)
+    return rot1.float(), perm, rot2.float()
+
+
+def _apply64(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+    g, b, _ = rot.shape
+    return (x.reshape(-1, g, 1, b) @ rot.double()).reshape(x.shape)
+
+
+def transform_rows(w: torch.Tensor, rot1: torch.Tensor, perm: torch.Tensor | None,
+                   rot2: torch.Tensor | None) -> torch.Tensor:
+    """w [..., K] @ T in float64 (used for weights: W' = W T along the input dimension)."""
+    out = _apply64(w.double(), rot1)
+    if perm is not None:
+        out = out[..., perm]
+        out = _apply64(out, rot2)
+    return out

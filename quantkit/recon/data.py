@@ -1,0 +1,97 @@
+"""Calibration samples for reconstruction: splitting recorded calls into single samples, batching
+them again, QDrop-style mixing of quantized and full-precision inputs."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from quantkit.adapters.base import CallArgs
+
+
+def _rows(call: CallArgs) -> int:
+    """The batch size of a call: the leading size of its first tensor of rank >= 2."""
+    for v in list(call.args) + list(call.kwargs.values()):
+        if isinstance(v, torch.Tensor) and v.dim() >= 2:
+            return v.shape[0]
+    return 1
+
+
+def _slice(v: Any, i: int, n: int) -> Any:
+    if isinstance(v, torch.Tensor):
+        return v[i:i + 1] if v.dim() >= 1 and v.shape[0] == n and n > 1 else v
+    if isinstance(v, dict):
+        return {k: _slice(x, i, n) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return type(v)(_slice(x, i, n) for x in v)
+    return v
+
+
+def split_call(call: CallArgs, group: int = 1) -> list[CallArgs]:
+    """Split a batched call into calls of `group` consecutive rows (tensors whose dim 0 is the batch)."""
+    n = _rows(call)
+    if n <= group:
+        return [call]
+    out = []
+    for i in range(0, n, group):
+        parts = [CallArgs(tuple(_slice(a, j, n) for a in call.args), {k: _slice(v, j, n) for k, v in call.kwargs.items()})
+                 for j in range(i, min(i + group, n))]
+        out.append(collate(parts))
+    return out
+
+
+def _cat(vals: list[Any]) -> Any:
+    v0 = vals[0]
+    if isinstance(v0, torch.Tensor):
+        if v0.dim() == 0 or all(v is v0 for v in vals):
+            return v0
+        if v0.dim() >= 1 and all(v.shape[1:] == v0.shape[1:] for v in vals):
+            return torch.cat(vals)
+        return v0
+    if isinstance(v0, dict):
+        return {k: _cat([v[k] for v in vals]) for k in v0}
+    if isinstance(v0, (list, tuple)):
+        return type(v0)(_cat([v[i] for v in vals]) for i in range(len(v0)))
+    return v0
+
+
+def collate(calls: list[CallArgs]) -> CallArgs:
+    """Concatenate calls along the batch (tensors that are equal in every call are kept once)."""
+    if len(calls) == 1:
+        return calls[0]
+    return CallArgs(tuple(_cat([c.args[i] for c in calls]) for i in range(len(calls[0].args))),
+                    {k: _cat([c.kwargs[k] for c in calls]) for k in calls[0].kwargs})
+
+
+def _mix(q: Any, fp: Any, prob: float, gen: torch.Generator | None) -> Any:
+    if isinstance(q, torch.Tensor) and isinstance(fp, torch.Tensor) and q.is_floating_point() and q.shape == fp.shape:
+        keep = torch.rand(q.shape, generator=gen, device="cpu").to(q.device) < prob
+        return torch.where(keep, q, fp)
+    if isinstance(q, dict):
+        return {k: _mix(v, fp[k], prob, gen) for k, v in q.items()}
+    if isinstance(q, (list, tuple)):
+        return type(q)(_mix(a, b, prob, gen) for a, b in zip(q, fp))
+    return q
+
+
+def mix_inputs(q: CallArgs, fp: CallArgs, prob: float, gen: torch.Generator | None = None) -> CallArgs:
+    """QDrop: each input element from the quantized model with probability `prob`, else the FP value."""
+    if prob >= 1.0:
+        return q
+    if prob <= 0.0:
+        return fp
+    return CallArgs(tuple(_mix(a, b, prob, gen) for a, b in zip(q.args, fp.args)),
+                    {k: _mix(v, fp.kwargs[k], prob, gen) for k, v in q.kwargs.items()})
+
+
+def main_tensor(out: Any) -> torch.Tensor:
+    """The tensor a block returns (blocks return a tensor, a tuple, or an output dataclass)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    for key in ("sample", "hidden_states"):
+        v = getattr(out, key, None)
+        if isinstance(v, torch.Tensor):
+            return v
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise TypeError(f"cannot find the output tensor of a block returning {type(out).__name__}")

@@ -1,0 +1,129 @@
+"""DuQuant / DuQuant++ transforms: orthogonal, function-preserving before quantization, outlier-reducing;
+MXFP4 scale rules (OCP E8M0 exactly, and the DuQuant++ log8 variant); GPTQ."""
+import math
+
+import pytest
+import torch
+
+from quantkit.formats import mxfp4
+from quantkit.formats.qweight import QuantizedWeight
+from quantkit.formats.spec import FormatSpec
+from quantkit.nn import QuantLinear
+from quantkit.quantizers.activation import ActQuantizer
+from quantkit.quantizers.gptq import gptq_quantize, hessian
+from quantkit.quantizers.online_rotation import OnlineRotation
+from quantkit.quantizers.rotation import (RotationConfig, base_rotation, fit_rotation, uniform_row_rotation,
+                                          zigzag_permutation)
+
+
+def _outlier_inputs(t=256, k=256, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(t, k, generator=g)
+    x[:, [3, 77, 200]] *= 40.0
+    return x
+
+
+@pytest.mark.parametrize("n", [32, 128])
+def test_base_rotation_orthogonal_with_uniform_row(n):
+    r = uniform_row_rotation(n)
+    assert torch.allclose(r @ r.T, torch.eye(n, dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(r[0], torch.full((n,), 1 / math.sqrt(n), dtype=torch.float64), atol=1e-12)
+    b = base_rotation(n, torch.Generator().manual_seed(1))
+    assert torch.allclose(b @ b.T, torch.eye(n, dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(b[0].abs(), torch.full((n,), 1 / math.sqrt(n), dtype=torch.float64), atol=1e-12)
+
+
+def test_zigzag_is_a_balanced_permutation():
+    x = torch.arange(1, 9, dtype=torch.float32).reshape(1, 8)  # channel c has max |x| = c + 1
+    perm = zigzag_permutation(x, 2)  # 4 blocks of 2: ranks 0..3 go to blocks 0..3, ranks 4..7 back 3..0
+    assert sorted(perm.tolist()) == list(range(8))
+    assert perm.reshape(4, 2).tolist() == [[7, 0], [6, 1], [5, 2], [4, 3]]
+
+
+CONFIGS = [RotationConfig(block=128, steps=32, permute=True),
+           RotationConfig(block=32, steps=32, permute=False),
+           RotationConfig(block=128, steps=16, permute=True, shared=True, row_index_quirk=True)]
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=["duquant", "duquant++", "code-quirks"])
+def test_rotation_orthogonal_preserves_output_and_flattens_outliers(cfg):
+    x = _outlier_inputs()
+    w = torch.randn(64, 256, generator=torch.Generator().manual_seed(2))
+    rot1, perm, rot2 = fit_rotation(x, cfg)
+    eye = torch.eye(rot1.shape[-1]).expand_as(rot1)
+    assert torch.allclose(rot1 @ rot1.transpose(-1, -2), eye, atol=1e-5)
+    if cfg.shared:
+        assert torch.equal(rot1[0], rot1[1])
+    rot = OnlineRotation.from_parts(rot1, perm, rot2)
+    xr = rot(x)
+    # Before quantization the transform is exact: (x T)(W T)^T = x W^T.
+    y = xr @ rot.transform_weight(w).T
+    assert torch.allclose(y, x @ w.T, rtol=1e-4, atol=1e-3)
+    assert xr.abs().max() < 0.5 * x.abs().max()
+    assert torch.allclose(xr.norm(dim=-1), x.norm(dim=-1), rtol=1e-5)
+
+
+def test_rotated_quant_linear_matches_its_reference_and_saves_error():
+    x = _outlier_inputs(t=64)
+    lin = torch.nn.Linear(256, 32)
+    spec = FormatSpec.mxfp4()
+    rot = OnlineRotation.from_parts(*fit_rotation(x, RotationConfig(block=32, steps=32, permute=False)))
+    act = ActQuantizer(spec)
+    q = QuantLinear.from_linear(lin, spec, act, QuantizedWeight.quantize(rot.transform_weight(lin.weight.detach()), spec))
+    q.rotation = rot
+    assert rot.fused_rotation() is not None  # handed to the kernels' fused rotation
+    with torch.no_grad():
+        ref = torch.nn.functional.linear(act(rot(x)), q.quantized_weight.dequantize(), lin.bias)
+        got = q(x)
+        assert torch.allclose(got, ref, atol=1e-5)
+        plain = QuantLinear.from_linear(lin, spec, ActQuantizer(spec))(x)
+        exact = lin(x)
+    assert (got - exact).norm() < (plain - exact).norm()
+
+
+def test_mxfp4_scales_follow_the_e8m0_rule_exactly():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 128, generator=g) * torch.logspace(-3, 3, 8).unsqueeze(1)
+    x[0, :32] = 0.0
+    x[1, :32] = 0.0
+    x[1, 5] = 4.0  # an exact power of two: floor(log2 4) - 2 = 0
+    x[2, 32:64] = -6.0 * 2.0**-10
+    codes, exps = mxfp4.quantize_mxfp4(x, FormatSpec.mxfp4())
+    amax = x.reshape(8, 4, 32).abs().amax(-1).double()
+    expect = torch.where(amax > 0, torch.floor(torch.log2(amax.clamp(min=1e-300))) - 2 + 127, torch.zeros_like(amax))
+    assert exps.dtype == torch.uint8 and torch.equal(exps.long(), expect.long())
+    assert int(exps[1, 0]) == 127
+    deq = mxfp4.dequantize_mxfp4(codes, exps)
+    # Within a block values are E2M1 times 2^(E-127), and at most 6 * 2^(E-127) (saturation).
+    s = mxfp4.exponent_scale(exps).unsqueeze(-1)
+    assert torch.all(deq.reshape(8, 4, 32).abs() <= 6 * s)
+
+
+def test_duquantpp_log8_scale_variant():
+    x = torch.randn(4, 256, generator=torch.Generator().manual_seed(3)) * 3
+    spec = FormatSpec.mxfp4("duquantpp_log8")
+    codes, scales = mxfp4.quantize_mxfp4(x, spec)
+    assert scales.dtype == torch.float32
+    s = x.reshape(4, 8, 32).abs().amax(-1) / 6
+    assert torch.all(scales <= s * (1 + 1e-6))  # floor onto the grid: never above amax/6
+    lo, hi = torch.log2(s.min()), torch.log2(s.max())
+    code = (torch.log2(scales) - lo) / (hi - lo) * 255
+    assert torch.allclose(code, code.round(), atol=1e-3)  # on the 256-level log grid of the tensor's range
+    assert torch.isclose(scales.min(), s.min()) and torch.isclose(scales.max(), s.max())
+    qw = QuantizedWeight.quantize(x, spec)
+    assert torch.equal(qw.dequantize(), mxfp4.dequantize_mxfp4(codes, scales))
+    fine = (qw.dequantize() - x).norm()
+    assert fine < (QuantizedWeight.quantize(x, FormatSpec.mxfp4()).dequantize() - x).norm()
+
+
+@pytest.mark.parametrize("spec", [FormatSpec.mxfp4(), FormatSpec("int", 4, False, "group", 32)], ids=["mxfp4", "int4-g32"])
+def test_gptq_lowers_output_error(spec):
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(512, 64, generator=g) @ torch.randn(64, 64, generator=g)  # correlated inputs
+    w = torch.randn(32, 64, generator=g)
+    qg = gptq_quantize(w, hessian(x), spec)
+    rtn = QuantizedWeight.quantize(w, spec)
+    err = lambda q: (x @ (q.dequantize() - w).T).norm()  # noqa: E731
+    assert err(qg) < err(rtn)
+    # The stored codes dequantize to what GPTQ decided (re-quantizing is exact).
+    assert torch.isfinite(qg.dequantize()).all()

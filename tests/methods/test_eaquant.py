@@ -1,0 +1,174 @@
+"""EAQuant: smoothing aggregation (exact before quantization), KL-Top router alignment, expert balance,
+and quantize -> save -> load on fused experts (Mixtral and DeepSeek styles, shared experts included)."""
+import json
+
+import pytest
+import torch
+
+import quantkit
+from quantkit.adapters import adapter_for
+from quantkit.config import Recipe
+from quantkit.formats.spec import FormatSpec
+from quantkit.io import save_checkpoint
+from quantkit.methods.expert_balance import select_expert_tokens
+from quantkit.models import load_model
+from quantkit.nn import QuantExperts
+from quantkit.pipeline import quantize_model
+from quantkit.quant_router import QuantRouter
+from quantkit.quantizers.clip_search import align_router, kl_top, top_m
+from quantkit.quantizers.smoothing import NormGroup, SmoothingStats, eaquant_scale, fold_scale, norm_groups
+from helpers import cli, forward
+
+FAST = {"steps": 8}
+
+
+def _recipe(name="eaquant-w4a4", **opts):
+    r = Recipe.load(name)
+    return r.replace(calib_size=2, method_options={**r.method_options, **FAST, **opts})
+
+
+def test_eaquant_scale_is_the_max_over_router_and_experts():
+    experts = torch.ones(2, 4, 3)  # [E, 2I, K]
+    experts[1, :, 2] = 4.0
+    g = NormGroup(norm=torch.nn.Identity(), router=[torch.ones(2, 3)], experts=experts)
+    act = torch.tensor([1.0, 16.0, 1.0])  # router input (all tokens)
+    per_expert = {0: torch.tensor([4.0, 1.0, 1.0]), 1: torch.tensor([1.0, 1.0, 16.0])}
+    s = eaquant_scale(g, act, per_expert, alpha=0.5, merge="max_gate")
+    # s_j = max(router: act_j^.5 / 1, expert0: x0_j^.5 / 1, expert1: x1_j^.5 / w1_j^.5)
+    assert torch.allclose(s, torch.tensor([2.0, 4.0, 2.0]))
+    s_code = eaquant_scale(g, act, per_expert, alpha=0.5, merge="max")  # the code's default: no router term
+    assert torch.allclose(s_code, torch.tensor([2.0, 1.0, 2.0]))
+
+
+@pytest.mark.parametrize("model", ["zoo:tiny-mixtral", "zoo:tiny-deepseek"])
+def test_smoothing_folded_into_norms_keeps_the_block_exact(model):
+    loaded = load_model(model)
+    adapter = adapter_for(loaded.root)
+    layer = loaded.root.model.layers[-1]  # an MoE layer (DeepSeek: with a shared expert)
+    calls = adapter.synthetic_inputs(loaded.root, 2, 0)
+    ref = forward(adapter, loaded.root)
+    groups = norm_groups(layer, adapter)
+    assert groups[-1].experts is not None and groups[-1].router
+    if "deepseek" in model:
+        assert len(groups[-1].others) == 2  # the shared expert's gate_proj and up_proj
+    with SmoothingStats(groups) as stats, torch.no_grad():
+        for c in calls:
+            loaded.root(*c.args, **c.kwargs)
+    for gi, g in enumerate(groups):
+        s = eaquant_scale(g, stats.act[gi], stats.expert.get(gi, {}), 0.6) if g.experts is not None else stats.act[gi] ** 0.6
+        assert torch.isfinite(s).all() and (s > 0).all()
+        fold_scale(g, s)
+    out = forward(adapter, loaded.root)
+    assert torch.allclose(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_kl_top_on_a_hand_made_router():
+    z_fp = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    p = torch.softmax(z_fp, -1)
+    z_q = torch.tensor([[1.0, 2.0, 0.0, -1.0]])
+    q = torch.log_softmax(z_q, -1)
+    for m, expect in ((2, p[0, :2] @ (p[0, :2].log() - q[0, :2])), (4, p[0] @ (p[0].log() - q[0]))):
+        assert torch.isclose(kl_top(z_fp, z_q, m), expect)
+    assert kl_top(z_fp, z_fp, 2).abs() < 1e-7
+    assert top_m(64, 8, 0.25) == 22 and top_m(8, 2, 0.0) == 2
+
+
+def test_router_alignment_keeps_the_routing_better_than_plain_rounding():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(8, 64, generator=g)
+    w[:, 0] *= 30  # one large column: min-max 4-bit rounding loses the rest
+    x = torch.randn(512, 64, generator=g)
+    spec = FormatSpec("int", 4, False, "channel")
+    from quantkit.formats.qweight import QuantizedWeight
+
+    qa, info = align_router(w, x, spec, top_k=2, ratio=0.0, objective="kl")
+    rtn = QuantizedWeight.quantize(w, spec)
+    z = x @ w.T
+    kl = lambda q: kl_top(z, x @ q.dequantize().T, 2)  # noqa: E731
+    assert kl(qa) <= kl(rtn) + 1e-7
+    assert info["top_m"] == 2 and len(set(info.values())) > 1
+    qm, _ = align_router(w, x, spec, top_k=2, objective="mse_kl")
+    assert torch.isfinite(qm.dequantize()).all()
+
+
+def test_expert_with_no_routed_tokens_is_handled_and_reported():
+    idx = torch.tensor([[0, 1], [0, 1], [1, 0], [0, 2]])  # expert 3 never routed, expert 2 once
+    logits = torch.tensor([[0.0, 0.0, 0.0, 3.0], [0, 0, 0, 1.0], [0, 0, 0, 2.0], [0, 0, 0, 0.0]])
+    sel, info = select_expert_tokens(idx, logits, 4, target=2, mode="none")
+    assert info["expert_tokens"] == [4, 3, 1, 0] and info["layer_input_fallback"] == [3]
+    assert sel[3].tolist() == [0, 1, 2, 3] and info["under_target"] == [2, 3]
+    sel, info = select_expert_tokens(idx, logits, 4, target=2, mode="force")
+    assert sel[3].tolist() == [0, 2]  # the two tokens its router scores highest
+    assert sorted(sel[2].tolist()) == [0, 3] and info["layer_input_fallback"] == []
+    assert info["expert_tokens_used"] == [4, 3, 2, 2]
+
+
+@pytest.mark.parametrize("model,method", [("zoo:tiny-mixtral", "eaquant"), ("zoo:tiny-deepseek", "eaquant"),
+                                          ("zoo:tiny-mixtral", "duquant")])
+def test_quantize_save_load_exact_with_rotations_and_quantized_router(model, method, tmp_path):
+    loaded = load_model(model)
+    ref = forward(loaded.adapter, loaded.root)
+    rec = _recipe("duquant-w4a4") if method == "duquant" else _recipe()
+    result = quantize_model(loaded, rec)
+    a = forward(loaded.adapter, loaded.root)
+    assert torch.isfinite(a).all() and not torch.equal(a, ref)
+    assert ((a - ref).norm() / ref.norm()).item() < 0.6
+    experts = [r for r in result.layers.values() if r["kind"] == "experts"]
+    assert experts and all(r["rot_in"]["experts"] == r["experts"] and r["rot_mid"]["block"] >= 2 for r in experts)
+    for r in experts:  # every expert calibrated on something, counts recorded
+        c = r["calibration"]
+        assert len(c["expert_tokens"]) == r["experts"] and min(c["expert_tokens_used"]) > 0
+    routers = [n for n, r in result.layers.items() if r["kind"] == "router"]
+    assert routers and all(isinstance(loaded.root.get_submodule(n), QuantRouter) for n in routers)
+    out = save_checkpoint(loaded, rec, result, tmp_path / "ckpt")
+    reloaded = quantkit.load(out)
+    assert torch.equal(a, forward(loaded.adapter, reloaded))
+    assert any(isinstance(m, QuantExperts) and m.rot_in is not None for m in reloaded.modules())
+
+
+def test_duquantpp_mxfp4_with_gptq_and_log8_reloads(tmp_path):
+    loaded = load_model("zoo:tiny-mixtral")
+    base = Recipe.load("duquantpp-mxfp4")
+    w = FormatSpec.mxfp4("duquantpp_log8")
+    rec = base.replace(calib_size=2, weight=w, method_options={**base.method_options, **FAST, "gptq": True})
+    result = quantize_model(loaded, rec)
+    assert all(r.get("rotation", r.get("rot_in", {})).get("block") == 32 for r in result.layers.values())
+    out = save_checkpoint(loaded, rec, result, tmp_path / "ckpt")
+    assert torch.equal(forward(loaded.adapter, loaded.root), forward(loaded.adapter, quantkit.load(out)))
+
+
+def test_cli_quantize_prints_and_records_expert_token_counts(tmp_path):
+    recipe = tmp_path / "r.json"
+    rec = _recipe().replace(method_options={**_recipe().method_options, "block": 32, "permute": False})
+    recipe.write_text(json.dumps(rec.to_dict()))
+    out = tmp_path / "ck"
+    r = cli("quantize", "zoo:tiny-mixtral", "--out", out, "--recipe", recipe)
+    assert r.exit_code == 0, r.output
+    assert "calibration tokens per expert" in r.output
+    meta = json.loads((out / "quantization.json").read_text())
+    counts = meta["layers"]["model.layers.0.mlp.experts"]["calibration"]["expert_tokens"]
+    assert len(counts) == 4 and sum(counts) > 0 and meta["calibration"]["used"]
+    r = cli("generate", out, "--prompt", "ab", "--max-new-tokens", "4")
+    assert r.exit_code == 0, r.output
+
+
+def test_starved_expert_is_quantized_on_the_layer_input_never_nan():
+    from quantkit.config import LayerPlan
+    from quantkit.layers import LayerTask
+    from quantkit.methods import get_method
+
+    loaded = load_model("zoo:tiny-mixtral")
+    experts = loaded.root.model.layers[0].mlp.experts
+    rec = _recipe("duquant-w4a4")
+    plan = LayerPlan(False, rec.weight, rec.activation)
+    method = get_method("duquant", rec)
+    method.tokens_per_sample = 16
+    x = torch.randn(32, 128, generator=torch.Generator().manual_seed(0))
+    idx = torch.tensor([[0, 1]] * 16 + [[1, 2]] * 16)  # expert 3 never routed
+    q = method.quantize_experts(LayerTask("experts", experts, "expert", plan), x, idx, None)
+    info = q.calibration_info
+    assert info["expert_tokens"] == [16, 32, 16, 0] and info["layer_input_fallback"] == [3]
+    for w in (q.gate_up.dequantize(), q.down.dequantize(), q.rot_in.rot1, q.rot_mid.rot1):
+        assert torch.isfinite(w).all()
+    y = q(x, torch.full((32, 1), 3), torch.ones(32, 1))  # route everything to the starved expert
+    assert torch.isfinite(y).all() and y.abs().sum() > 0
