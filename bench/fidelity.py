@@ -15,6 +15,11 @@ SETTINGS = {
     "RTN W4A8": ["--recipe", "rtn-w4a8"],
     "RTN W4A4 int": ["--recipe", "rtn-w4a8", "--abits", "4"],
     "RTN MXFP4 W4A4": ["--recipe", "mxfp4-w4a4"],
+    "DuQuant W4A4": ["--recipe", "duquant-w4a4"],
+    "EAQuant W4A4": ["--recipe", "eaquant-w4a4"],
+    "EAQuant W3A4": ["--recipe", "eaquant-w3a4"],
+    "DuQuant++ MXFP4": ["--recipe", "duquantpp-mxfp4"],
+    "EAQuant+DuQuant++ MXFP4": ["--recipe", "eaquant-duquantpp-mxfp4"],
 }
 
 
@@ -38,8 +43,7 @@ def main() -> int:
     rows = []
     t = time.time()
     js = args.out / f"{name}-fp.json"
-    run(["quantkit", "eval", args.model, "--n", str(args.n), "--seed", str(args.seed), "--reference", args.model,
-         "--json", str(js), *extra])
+    run(["quantkit", "eval", args.model, "--n", str(args.n), "--seed", str(args.seed), "--json", str(js), *extra])
     rows.append(("FP", json.loads(js.read_text()), time.time() - t))
     for label in args.settings.split(","):
         ck = args.out / f"{name}-{label.replace(' ', '_')}"
