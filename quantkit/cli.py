@@ -27,7 +27,7 @@ app.add_typer(calib_app, name="calib")
 
 console = Console()
 err_console = Console(stderr=True)
-DEFAULT_MODEL = "zoo:tiny-sd"
+DEFAULT_MODEL = "zoo:digits-t2i"
 
 
 @contextlib.contextmanager

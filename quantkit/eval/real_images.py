@@ -20,6 +20,8 @@ def load_real_images(source: str, n: int | None = None, size: int | None = None)
 
         _, (images, _) = digits_splits()  # the held-out split, never seen in training
         x = (images + 1) / 2
+        if size and x.shape[-1] != size:  # compare at the generator's resolution
+            x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True).clamp(0, 1)
     else:
         folder = Path(source)
         if not folder.is_dir():
