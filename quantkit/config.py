@@ -139,8 +139,14 @@ class Recipe:
     calib_size: int = 16
     seed: int = 0
     method_options: dict[str, Any] = field(default_factory=dict)
+    # What to do with an int weight whose input size the group size does not divide (Stable Diffusion
+    # has 320-wide layers, so g128 cannot tile them): "error", or "channel" = that layer gets one scale
+    # per output channel (recorded per layer in the checkpoint and shown by `quantkit inspect`).
+    group_fallback: str = "error"
 
     def __post_init__(self) -> None:
+        if self.group_fallback not in ("error", "channel"):
+            raise QuantkitError(f"unknown group_fallback {self.group_fallback!r}; allowed: error, channel")
         for r in self.skip_roles:
             if r not in ROLES:
                 raise QuantkitError(f"unknown role {r!r} in skip_roles{_suggest(r, list(ROLES))}; allowed: {', '.join(ROLES)}")
@@ -163,7 +169,8 @@ class Recipe:
         return {"method": self.method, "weight": self.weight.to_dict(),
                 "activation": None if self.activation is None else self.activation.to_dict(),
                 "skip_roles": list(self.skip_roles), "rules": [r.to_dict() for r in self.rules],
-                "calib_size": self.calib_size, "seed": self.seed, "method_options": dict(self.method_options)}
+                "calib_size": self.calib_size, "seed": self.seed, "method_options": dict(self.method_options),
+                "group_fallback": self.group_fallback}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Recipe":

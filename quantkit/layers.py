@@ -1,6 +1,8 @@
 """Finding quantizable layers, building their quantized replacements, and swapping them in."""
 from __future__ import annotations
 
+import dataclasses
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +18,8 @@ from quantkit.nn import QuantConv2d, QuantExperts, QuantLinear
 from quantkit.quant_router import QuantRouter, is_router_module
 from quantkit.quantizers.activation import ActQuantizer
 from quantkit.quantizers.online_rotation import attach_empty_rotations, rotation_records
+
+log = logging.getLogger(__name__)
 
 QUANT_MODULES = (QuantLinear, QuantConv2d, QuantExperts, QuantRouter)
 
@@ -80,6 +84,12 @@ def plan_layers(root: nn.Module, adapter: ModelAdapter, recipe: Recipe) -> list[
                 )
         if not plan.skip:
             k = _reduction_sizes(task)
+            w = plan.weight
+            if (recipe.group_fallback == "channel" and w.kind == "int" and w.granularity == "group"
+                    and any(kk % w.group_size for kk in k)):
+                log.info("%s: group size %d does not divide %s; using per-channel scales", name, w.group_size, k)
+                plan = task.plan = dataclasses.replace(
+                    plan, weight=dataclasses.replace(w, granularity="channel", group_size=None))
             for kk in k:
                 plan.weight.check_k(kk, name)
             if plan.activation is not None:

@@ -66,3 +66,19 @@ def test_overrides():
 def test_roundtrip_dict():
     r = Recipe.load("rtn-w4a8")
     assert Recipe.from_dict(r.to_dict()) == r
+
+
+def test_group_fallback_to_channel_is_recorded():
+    from quantkit.layers import plan_layers
+    from quantkit.models import load_model
+
+    loaded = load_model("zoo:digits-t2i")  # has 32-wide layers that g128 cannot tile
+    strict = Recipe.load("rtn-w4a16-g128").replace(group_fallback="error")
+    with pytest.raises(QuantkitError, match="does not divide"):
+        plan_layers(loaded.root, loaded.adapter, strict)
+    tasks = plan_layers(loaded.root, loaded.adapter, Recipe.load("rtn-w4a16-g128"))
+    grans = {t.plan.weight.granularity for t in tasks if not t.plan.skip}
+    assert grans == {"group", "channel"}
+    for t in tasks:
+        if not t.plan.skip and t.plan.weight.granularity == "group":
+            assert all(k % 128 == 0 for k in [t.module.weight[0].numel()])
