@@ -36,6 +36,7 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--settings", default=",".join(SETTINGS))
     p.add_argument("--eval-args", default="", help="extra arguments for quantkit eval")
+    p.add_argument("--no-fp", action="store_true", help="skip the full-precision row")
     args = p.parse_args()
     name = args.model.replace("zoo:", "").replace("/", "_")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -43,8 +44,9 @@ def main() -> int:
     rows = []
     t = time.time()
     js = args.out / f"{name}-fp.json"
-    run(["quantkit", "eval", args.model, "--n", str(args.n), "--seed", str(args.seed), "--json", str(js), *extra])
-    rows.append(("FP", json.loads(js.read_text()), time.time() - t))
+    if not args.no_fp:
+        run(["quantkit", "eval", args.model, "--n", str(args.n), "--seed", str(args.seed), "--json", str(js), *extra])
+        rows.append(("FP", json.loads(js.read_text()), time.time() - t))
     for label in args.settings.split(","):
         ck = args.out / f"{name}-{label.replace(' ', '_')}"
         t = time.time()
