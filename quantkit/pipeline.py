@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from quantkit.adapters.base import CallArgs
-from quantkit.calib.capture import _detach, calibration_calls
+from quantkit.calib.capture import _detach
 from quantkit.config import Recipe
 from quantkit.errors import QuantkitError
 from quantkit.layers import LayerTask, layer_record, plan_layers, set_submodule
