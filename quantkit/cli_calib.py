@@ -20,7 +20,8 @@ def select(
     lamda: float = typer.Option(1.0, help="TDAC: weight of diversity against density (w = D + lamda V)."),
     radius: Optional[float] = typer.Option(None, help="TDAC density radius r (default: median pairwise distance)."),
     batch: int = typer.Option(16, help="Trajectories sampled per batch (TDAC scores the first batch)."),
-    prompts: Optional[Path] = typer.Option(None, help="Prompts file, one a line (default: the eval profile's, else builtin)."),
+    prompts: Optional[Path] = typer.Option(None, "--calib-prompts", "--prompts",
+                                           help="Prompts file, one a line (default: the eval profile's, else builtin)."),
     seed: int = typer.Option(0),
     device: str = typer.Option("cpu", help="cpu or cuda."),
 ) -> None:

@@ -53,3 +53,14 @@ def test_cli_select_bad_input_is_one_line(tmp_path):
     assert "pipeline" in line
     line = one_line_error(cli("calib", "select", "zoo:tiny-sd", "--method", "best", "--out", tmp_path / "c.safetensors"))
     assert "eda-dm" in line
+
+
+def test_cli_select_takes_calib_prompts(tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red bus\na blue boat\n")
+    out = tmp_path / "c.safetensors"
+    r = cli("calib", "select", "zoo:tiny-sd", "--method", "uniform", "--size", "2", "--steps", "2",
+            "--calib-prompts", prompts, "--out", out)
+    assert r.exit_code == 0, r.output
+    _, prov = load_calibration(out)
+    assert prov["prompts"] == str(prompts)
