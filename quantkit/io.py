@@ -188,9 +188,13 @@ def _empty_root(folder: Path, kind: str) -> nn.Module:
             cfg = json.loads((folder / "config.json").read_text())
             cls = getattr(diffusers, cfg["_class_name"])
             return cls.from_config(cls.load_config(folder))
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoConfig
 
-        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
+        from quantkit.models import transformers_class
+
+        cls = transformers_class(folder)
+        cfg = AutoConfig.from_pretrained(folder)
+        return cls.from_config(cfg) if hasattr(cls, "from_config") else cls._from_config(cfg)
 
 
 def load_quantized_root(ckpt: Path, meta: dict[str, Any], device: str = "cpu") -> nn.Module:

@@ -107,9 +107,7 @@ def load_model(source: str, device: str = "cpu") -> LoadedModel:
             cfg = json.loads((path / "config.json").read_text())
             obj = _diffusers_class(cfg["_class_name"]).from_pretrained(path, local_files_only=True).to(device)
         else:
-            from transformers import AutoModelForCausalLM
-
-            obj = AutoModelForCausalLM.from_pretrained(path, local_files_only=True).to(device)
+            obj = transformers_class(path).from_pretrained(path, local_files_only=True).to(device)
             tokenizer = load_tokenizer(path)
     except QuantkitError:
         raise
@@ -120,6 +118,16 @@ def load_model(source: str, device: str = "cpu") -> LoadedModel:
     loaded.adapter = adapter_for(loaded.root)
     loaded.root.eval()
     return loaded
+
+
+def transformers_class(path: Path) -> Any:
+    """The class named by config.json's `architectures` (e.g. CLIPModel), else AutoModelForCausalLM."""
+    import transformers
+
+    cfg = json.loads((path / "config.json").read_text())
+    arch = (cfg.get("architectures") or [None])[0]
+    cls = getattr(transformers, arch, None) if arch else None
+    return cls if cls is not None and hasattr(cls, "from_pretrained") else transformers.AutoModelForCausalLM
 
 
 def own_tensors(module: nn.Module) -> None:

@@ -4,12 +4,13 @@ from __future__ import annotations
 from torch import nn
 
 from quantkit.adapters.base import CallArgs, ModelAdapter, is_fused_experts, supported_experts_layout
+from quantkit.adapters.clip import CLIPAdapter
 from quantkit.adapters.dit import DiTAdapter
 from quantkit.adapters.moe_lm import CausalLMAdapter
 from quantkit.adapters.unet import UNetAdapter
 from quantkit.errors import QuantkitError
 
-ADAPTERS: tuple[type[ModelAdapter], ...] = (UNetAdapter, DiTAdapter, CausalLMAdapter)
+ADAPTERS: tuple[type[ModelAdapter], ...] = (UNetAdapter, DiTAdapter, CausalLMAdapter, CLIPAdapter)
 
 
 def adapter_for(root: nn.Module) -> ModelAdapter:

@@ -22,8 +22,7 @@ def zoo_names() -> dict[str, str]:
     out = {}
     for name, e in _trained().items():
         out[name] = getattr(e, "description", "")
-        if getattr(e, "kind", "") != "clip":
-            out[name + SUFFIX] = f"{name} with planted activation outliers (function-preserving)"
+        out[name + SUFFIX] = f"{name} with planted activation outliers (function-preserving)"
     out.update({name: desc for name, (desc, _) in TINY.items()})
     return out
 
