@@ -109,19 +109,3 @@ def train(out_dir: Path, seed: int = 0, steps: int = 2000, vae_dir: Path | None 
     }
     write_metrics(out_dir, metrics)
     return metrics
-
-
-if __name__ == "__main__":
-    import argparse
-    import json
-
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("out_dir", type=Path)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=2000)
-    parser.add_argument("--vae-dir", type=Path, default=None)
-    parser.add_argument("--clip-dir", type=Path, default=None)
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    torch.set_num_threads(1)
-    print(json.dumps(train(args.out_dir, args.seed, args.steps, args.vae_dir, args.clip_dir), indent=2))

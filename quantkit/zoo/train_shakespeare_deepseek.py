@@ -111,17 +111,3 @@ def train(out_dir: Path, seed: int = 0, steps: int = 1200, batch: int = 16, lr: 
     }
     write_metrics(out_dir, metrics)
     return metrics
-
-
-if __name__ == "__main__":
-    import argparse
-    import json
-
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("out_dir", type=Path)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=1200)
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    torch.set_num_threads(1)
-    print(json.dumps(train(args.out_dir, seed=args.seed, steps=args.steps), indent=2))
