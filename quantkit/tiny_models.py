@@ -26,7 +26,7 @@ def _clip_tokenizer(out: Path) -> None:
 
 def make_tiny_sd(out: Path, seed: int = 0) -> None:
     """A StableDiffusionPipeline with a 2-level UNet2DConditionModel, tiny VAE and CLIP text encoder."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     torch.manual_seed(seed)

@@ -3,11 +3,9 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
-
-import torch
 
 from quantkit.errors import QuantkitError
 from quantkit.eval.diffusion import DIFFUSION_METRICS, SampleSet, diffusion_metrics, sample_images
@@ -33,7 +31,6 @@ class EvalOptions:
     guidance: float | None = None
     seq_len: int = 256
     batch: int = 50
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _checkpoint_meta(path: Path) -> dict[str, Any] | None:
@@ -192,6 +189,3 @@ def write_report(report: dict[str, Any], json_path: Path | None, out_dir: Path |
                      out_dir / "samples.png")
     return clean
 
-
-def torch_seed(seed: int) -> None:
-    torch.manual_seed(seed)
