@@ -21,6 +21,25 @@ SETTINGS = {
     "DuQuant++ MXFP4": ["--recipe", "duquantpp-mxfp4"],
     "EAQuant+DuQuant++ MXFP4": ["--recipe", "eaquant-duquantpp-mxfp4"],
 }
+# Issue 5 rows: static per-tensor int8 activations everywhere so only calibration and rounding differ.
+RECIPES = Path(__file__).parent / "recipes"
+for b in (8, 4):
+    SETTINGS |= {
+        f"RTN W{b}A8 static": ["--recipe", f"eda-dm-w{b}a8", "--method", "rtn"],
+        f"Q-Diffusion W{b}A8": ["--recipe", str(RECIPES / f"qdiff-w{b}a8.yaml")],
+        f"EDA-DM W{b}A8": ["--recipe", f"eda-dm-w{b}a8"],
+        f"EDA-DM+FlexRound W{b}A8": ["--recipe", f"eda-dm-w{b}a8", "--rounding", "flexround"],
+    }
+SETTINGS["FlexRound W4A8"] = ["--recipe", "flexround-w4a8"]
+# Issue 6 rows: DGQ ablations at each width (full DGQ = the shipped dgq recipes).
+for w, a in ((8, 8), (8, 6), (4, 6), (8, 4)):
+    bits = ["--wbits", str(w), "--abits", str(a)]
+    SETTINGS |= {
+        f"per-tensor W{w}A{a}": ["--recipe", str(RECIPES / "dgq-pertensor.yaml"), *bits],
+        f"DGQ groups W{w}A{a}": ["--recipe", str(RECIPES / "dgq-groups.yaml"), *bits],
+        f"DGQ groups+log W{w}A{a}": ["--recipe", str(RECIPES / "dgq-groups-log.yaml"), *bits],
+        f"DGQ full W{w}A{a}": ["--recipe", "dgq-w8a6", *bits],
+    }
 
 
 def run(cmd: list[str]) -> None:

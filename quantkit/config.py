@@ -53,10 +53,15 @@ class ActivationConfig:
 
     format: FormatSpec
     dynamic: bool = True
+    # DGQ's distribution-aware groups (quantizers/group_act.py): G ranges per tensor and timestep.
+    groups: int | None = None
 
     def __post_init__(self) -> None:
         if not self.dynamic and (self.format.kind != "int" or self.format.granularity != "tensor"):
             raise QuantkitError("static activation ranges need format kind 'int' with granularity 'tensor'")
+        if self.groups is not None and (self.dynamic or self.format.symmetric or not 1 <= self.groups <= 255):
+            raise QuantkitError("activation 'groups' (DGQ) needs static (dynamic: false) asymmetric int activations "
+                                f"and 1-255 groups, got groups={self.groups}")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> "ActivationConfig | None":
@@ -64,10 +69,14 @@ class ActivationConfig:
             return None
         d = dict(d)
         dynamic = d.pop("dynamic", True)
-        return cls(_spec(d, "activation"), bool(dynamic))
+        groups = d.pop("groups", None)
+        return cls(_spec(d, "activation"), bool(dynamic), None if groups is None else int(groups))
 
     def to_dict(self) -> dict[str, Any]:
-        return {**self.format.to_dict(), "dynamic": self.dynamic}
+        out = {**self.format.to_dict(), "dynamic": self.dynamic}
+        if self.groups is not None:
+            out["groups"] = self.groups
+        return out
 
 
 @dataclass(frozen=True)
@@ -154,6 +163,10 @@ class Recipe:
             raise QuantkitError(f"calib_size must be at least 1, got {self.calib_size}")
         if self.weight.kind == "log2":
             raise QuantkitError("log2 is an attention-probability format, not a weight format; allowed: int, mxfp4, fp8")
+        acts = [self.activation] + [r.activation for r in self.rules]
+        if self.method != "dgq" and any(a is not None and a.groups is not None for a in acts):
+            raise QuantkitError(f"activation 'groups' are DGQ's group quantizer; method {self.method!r} cannot "
+                                "calibrate them (use method dgq, or drop 'groups')")
 
     def plan(self, layer_name: str, role: str) -> LayerPlan:
         """Resolve the rules for one layer: exact name, then regex, then role, then defaults."""
@@ -258,6 +271,10 @@ def recipe_with_overrides(recipe: Recipe, *, method: str | None = None, wbits: i
     if abits is not None:
         if abits == 16:
             changes["activation"] = None
+        elif recipe.activation is not None and not recipe.activation.dynamic:
+            # static recipes (EDA-DM, DGQ) keep their calibrated format, with the new width
+            changes["activation"] = dataclasses.replace(
+                recipe.activation, format=dataclasses.replace(recipe.activation.format, bits=abits))
         elif changes["weight"].kind == "mxfp4" and abits == 4:
             changes["activation"] = ActivationConfig(FormatSpec.mxfp4(changes["weight"].scale_mode), True)
         else:

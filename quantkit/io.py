@@ -23,6 +23,7 @@ from torch import nn
 
 from quantkit.config import ActivationConfig, Recipe
 from quantkit.errors import QuantkitError
+from quantkit.quantizers.step_clock import install_step_clock
 from quantkit.formats.spec import FormatSpec
 from quantkit.layers import empty_quantized, set_submodule
 from quantkit.models import LoadedModel, folder_kind
@@ -126,6 +127,10 @@ def save_checkpoint(loaded: LoadedModel, recipe: Recipe, result: Any, out: str |
             "calibration": result.calibration, "weights": {"files": files, "tied": tied},
             "seconds": round(result.seconds, 3),
         }
+        clash = set(result.extras) & set(meta)
+        if clash:
+            raise QuantkitError(f"method records {sorted(clash)} clash with quantization.json's own keys")
+        meta.update(result.extras)
         (tmp / QUANT_JSON).write_text(json.dumps(meta, indent=1))
         _replace_dir(tmp, out)
     except BaseException:
@@ -208,6 +213,13 @@ def load_quantized_root(ckpt: Path, meta: dict[str, Any], device: str = "cpu") -
             raise QuantkitError(f"{ckpt}: layer {name} of quantization.json is not in the model") from None
         act = ActivationConfig.from_dict(rec["activation"])
         set_submodule(root, name, empty_quantized(orig, rec["kind"], FormatSpec.from_dict(rec["weight"]), act, rec))
+    for name, rec in meta.get("attention", {}).items():
+        from quantkit.adapters.diffusers_attention import install_processor
+
+        try:
+            install_processor(root.get_submodule(name), rec)
+        except AttributeError:
+            raise QuantkitError(f"{ckpt}: attention {name} of quantization.json is not in the model") from None
     state = read_state(folder, meta["weights"]["files"], device)
     for alias, src in meta["weights"].get("tied", {}).items():
         state[alias] = state[src]
@@ -219,7 +231,9 @@ def load_quantized_root(ckpt: Path, meta: dict[str, Any], device: str = "cpu") -
     meta_left = [n for n, p in list(root.named_parameters()) + list(root.named_buffers()) if p.is_meta]
     if meta_left:
         raise QuantkitError(f"{ckpt}: tensor {meta_left[0]} was not filled by the checkpoint")
-    return root.to(device).eval()
+    root = root.to(device).eval()
+    install_step_clock(root)
+    return root
 
 
 def load(path: str | Path, device: str = "cpu") -> Any:

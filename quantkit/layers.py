@@ -17,6 +17,7 @@ from quantkit.formats.spec import FormatSpec
 from quantkit.nn import QuantConv2d, QuantExperts, QuantLinear
 from quantkit.quant_router import QuantRouter, is_router_module
 from quantkit.quantizers.activation import ActQuantizer
+from quantkit.quantizers.group_act import GroupActQuantizer
 from quantkit.quantizers.online_rotation import attach_empty_rotations, rotation_records
 
 log = logging.getLogger(__name__)
@@ -114,9 +115,13 @@ def act_channel_dim(task_kind: str) -> int:
     return 1 if task_kind == "conv2d" else -1
 
 
-def make_act(cfg: ActivationConfig | None, kind: str) -> ActQuantizer | None:
+def make_act(cfg: ActivationConfig | None, kind: str) -> nn.Module | None:
     if cfg is None:
         return None
+    if cfg.groups is not None:
+        if kind not in ("linear", "conv2d"):
+            raise QuantkitError(f"DGQ group activation quantizers cover linear and conv2d inputs, not {kind}")
+        return GroupActQuantizer(cfg.format.bits, cfg.groups, "conv" if kind == "conv2d" else "last")
     return ActQuantizer(cfg.format, cfg.dynamic, act_channel_dim(kind))
 
 

@@ -149,7 +149,11 @@ class QuantConv2d(_QuantModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [B, C, H, W]
         if self._is_pointwise():
             # A 1x1 convolution is a GEMM over pixels: run it through the matmul kernels.
-            act = None if self.act is None else self.act.along_last_dim()
+            act = self.act
+            if act is not None and not isinstance(act, ActQuantizer):  # e.g. DGQ groups: quantize NCHW first
+                x, act = act(x), None
+            elif act is not None:
+                act = act.along_last_dim()
             y = kernels.qlinear(x.movedim(1, -1), self.quantized_weight, self.bias, act, self.kernel_backend)
             return y.movedim(-1, 1)
         if self.act is not None:

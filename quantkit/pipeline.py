@@ -20,6 +20,7 @@ from quantkit.layers import LayerTask, layer_record, plan_layers, set_submodule
 from quantkit.methods import BlockContext, get_method
 from quantkit.models import LoadedModel
 from quantkit.nn import QuantExperts
+from quantkit.quantizers.step_clock import install_step_clock
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,7 @@ class QuantizationResult:
     calibration: dict[str, Any]
     seconds: float
     blocks: list[str] = field(default_factory=list)
+    extras: dict[str, Any] = field(default_factory=dict)  # method records for quantization.json (e.g. attention)
 
 
 class _StopForward(Exception):
@@ -127,9 +129,11 @@ def quantize_model(loaded: LoadedModel, recipe: Recipe, *, calib_prompts: str | 
     if progress:
         progress("done", len(units), len(units))
     _verify(root, todo, done)
+    install_step_clock(root)  # timestep-aware quantizers (DGQ) follow the sampler from now on
     layers = {t.name: layer_record(t, done[t.name]) for t in todo}
     skipped = {t.name: t.role for t in tasks if t.plan.skip}
-    return QuantizationResult(layers, skipped, calibration, time.time() - t0, [n for n, _ in units])
+    return QuantizationResult(layers, skipped, calibration, time.time() - t0, [n for n, _ in units],
+                              method.checkpoint_extras())
 
 
 def _verify(root: nn.Module, todo: list[LayerTask], done: dict[str, nn.Module]) -> None:

@@ -81,3 +81,7 @@ class Method:
     def quantize_block(self, ctx: BlockContext) -> dict[str, nn.Module]:
         """Return {layer full name: quantized module} for the block's non-skipped layers."""
         raise NotImplementedError
+
+    def checkpoint_extras(self) -> dict[str, Any]:
+        """Top-level quantization.json entries beyond the layers (e.g. DGQ's attention quantizers)."""
+        return {}

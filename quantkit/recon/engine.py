@@ -34,6 +34,8 @@ class ReconConfig:
     iters: int = 200
     batch_size: int = 8
     lr_w: float = 1e-2  # AdaRound alpha / FlexRound log-scales
+    # lr_w when rounding is flexround, for recipes whose lr_w is tuned for AdaRound's alpha (None = lr_w)
+    lr_w_flexround: float | None = None
     lr_a: float = 1e-4  # LSQ activation steps
     input_prob: float = 0.5  # QDrop: P(quantized-model input) per element; 1 = quantized only, 0 = FP only
     act_drop_prob: float = 0.5  # QDrop inside activation quantizers: P(keep the FP value) while training
@@ -183,8 +185,9 @@ def reconstruct_block(name: str, fp_block: nn.Module, tasks: list[LayerTask], q_
     w_params = [p for m in layers for p in m.rounding.parameters() if p.requires_grad]
     a_params = [m.act.step for m in layers if isinstance(m.act, LSQActQuantizer) and m.act.step.requires_grad]
     opts = []
-    if w_params and cfg.lr_w > 0:
-        opts.append(torch.optim.Adam(w_params, lr=cfg.lr_w))
+    lr_w = cfg.lr_w_flexround if cfg.rounding == "flexround" and cfg.lr_w_flexround is not None else cfg.lr_w
+    if w_params and lr_w > 0:
+        opts.append(torch.optim.Adam(w_params, lr=lr_w))
     if a_params and cfg.lr_a > 0:
         opts.append(torch.optim.Adam(a_params, lr=cfg.lr_a))
     scheds = [torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=max(cfg.iters, 1), eta_min=0.0) for o in opts]
