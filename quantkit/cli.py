@@ -86,6 +86,8 @@ def quantize(
     calib_steps: int = typer.Option(10, help="Sampler steps recorded per calibration prompt."),
     calib: Optional[Path] = typer.Option(None, "--calib", help="Calibration file from `quantkit calib select`."),
     rounding: Optional[str] = typer.Option(None, help="Learnable rounding of reconstruction methods: adaround or flexround."),
+    weight_recon: Optional[bool] = typer.Option(None, "--weight-recon/--no-weight-recon",
+                                                help="DGQ: BRECQ/AdaRound weight reconstruction before activation statistics."),
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Reuse finished blocks of a killed run (.OUT.progress)."),
     seed: Optional[int] = typer.Option(None, help="Seed for calibration sampling."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
@@ -115,6 +117,10 @@ def quantize(
                                     calib_size=calib_size, seed=seed)
         if rounding is not None:
             rec = rec.replace(method_options={**rec.method_options, "rounding": rounding})
+        if weight_recon is not None:
+            if rec.method != "dgq":
+                raise QuantkitError(f"--weight-recon is an option of method dgq, not {rec.method!r}")
+            rec = rec.replace(method_options={**rec.method_options, "weight_recon": weight_recon})
         calls, calib_prov = None, None
         if calib is not None:
             from quantkit.calib.calib_file import batch_items, load_calibration

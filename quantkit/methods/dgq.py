@@ -59,6 +59,7 @@ class DGQ(Method):
             raise QuantkitError("dgq needs static activations with 'groups' (e.g. activation: {kind: int, bits: 6, "
                                 "symmetric: false, granularity: tensor, dynamic: false, groups: 8})")
         self.attention_records: dict[str, dict[str, Any]] = {}
+        self.recon_stats: dict[str, dict[str, float]] = {}
         self._fp_root: nn.Module | None = None
 
     def needs_calibration(self, tasks: list[LayerTask]) -> bool:
@@ -112,7 +113,9 @@ class DGQ(Method):
                           input_prob=1.0, act_drop_prob=0.0, lambda_add=0.0, weight_init="mse",
                           learn_act_step=False, round_reg=True, round_reg_weight=0.01, seed=self.recipe.seed)
         fp_calls = capture_block_inputs(self._fp_root, self._fp_root.get_submodule(ctx.name), ctx.calls)
-        return reconstruct_block(ctx.name, ctx.block, wtasks, ctx.inputs, fp_calls, cfg, ctx.progress).modules
+        res = reconstruct_block(ctx.name, ctx.block, wtasks, ctx.inputs, fp_calls, cfg, ctx.progress)
+        self.recon_stats[ctx.name] = {"loss_start": res.loss_start, "loss_end": res.loss_end}
+        return res.modules
 
     def _install_attention(self, ctx: BlockContext) -> list[nn.Module]:
         from quantkit.adapters.diffusers_attention import attention_modules, install_processor
@@ -149,4 +152,7 @@ class DGQ(Method):
         install_step_clock(ctx.root)
 
     def checkpoint_extras(self) -> dict[str, Any]:
-        return {"attention": dict(self.attention_records)} if self.attention_records else {}
+        extras: dict[str, Any] = {"attention": dict(self.attention_records)} if self.attention_records else {}
+        if self.recon_stats:
+            extras["reconstruction"] = dict(self.recon_stats)
+        return extras

@@ -74,6 +74,10 @@ class ReconMethod(Method):
             store.save(ctx.name, fp, result.modules, stats)
         return result.modules
 
+    def checkpoint_extras(self) -> dict[str, Any]:
+        """Per-block reconstruction loss before/after, recorded in quantization.json."""
+        return {"reconstruction": dict(self.block_stats)} if self.block_stats else {}
+
     def build_calibration(self, loaded: Any, steps: int, prompts_file: str | None, text_file: str | None,
                           progress: Callable[[int], None] | None = None) -> list[CallArgs]:
         """EDA-DM selects its own samples (TDAC) when no calibration file is given."""

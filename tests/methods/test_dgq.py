@@ -191,3 +191,24 @@ def test_dgq_options_are_validated():
     with pytest.raises(QuantkitError, match="groups"):
         Recipe.from_dict({"method": "rtn", "activation": {"kind": "int", "bits": 6, "symmetric": False,
                                                           "granularity": "tensor", "dynamic": False, "groups": 8}})
+
+
+def test_dgq_weight_recon_from_the_shell(tmp_path):
+    from helpers import cli
+
+    recipe = tmp_path / "dgq.yaml"
+    from quantkit.config import builtin_recipe_path
+
+    text = builtin_recipe_path("dgq-w4a6").read_text()
+    recipe.write_text(text.replace("calib_steps: 25", "calib_steps: 2\n  recon_iters: 20"))
+    out = tmp_path / "ckpt"
+    r = cli("quantize", "zoo:tiny-sd", "--recipe", recipe, "--weight-recon", "--calib-size", "1", "--out", out)
+    assert r.exit_code == 0, r.output
+    meta = json.loads((out / "quantization.json").read_text())
+    assert meta["recipe"]["method_options"]["weight_recon"] is True
+    stats = meta["reconstruction"]
+    assert stats and all(v["loss_end"] <= v["loss_start"] * 1.05 for v in stats.values())
+    r = cli("generate", out, "--prompt", "a red bus", "--n", "1", "--steps", "3", "--out", tmp_path / "g.png")
+    assert r.exit_code == 0, r.output
+    r = cli("quantize", "zoo:tiny-sd", "--recipe", "rtn-w8a8", "--weight-recon", "--out", tmp_path / "x")
+    assert r.exit_code != 0 and "dgq" in r.output
