@@ -91,7 +91,12 @@ class QuantLinear(_QuantModule):
             rotation = self.rotation.fused_rotation()
             if rotation is None:
                 x = self.rotation(x)
-        return kernels.qlinear(x, self.quantized_weight, self.bias, self.act, self.kernel_backend, rotation)
+        act = self.act
+        if act is not None and not isinstance(act, ActQuantizer):
+            # Group activation quantizers (DGQ) vary their scale along K: no integer GEMM can take them,
+            # so the input is quantized here and the weight-only kernel does the matmul.
+            x, act = act(x), None
+        return kernels.qlinear(x, self.quantized_weight, self.bias, act, self.kernel_backend, rotation)
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, w={self.wspec.short}"
