@@ -31,6 +31,12 @@ for b in (8, 4):
         f"EDA-DM+FlexRound W{b}A8": ["--recipe", f"eda-dm-w{b}a8", "--rounding", "flexround"],
     }
 SETTINGS["FlexRound W4A8"] = ["--recipe", "flexround-w4a8"]
+# Issue 7 rows beyond the shipped recipes.
+SETTINGS |= {
+    "SmoothQuant+RTN W4A4": ["--recipe", str(RECIPES / "smoothquant-rtn-w4a4.yaml")],
+    "DuQuant W3A4": ["--recipe", "duquant-w4a4", "--wbits", "3"],
+    "DuQuant++ +GPTQ MXFP4": ["--recipe", str(RECIPES / "duquantpp-gptq-mxfp4.yaml")],
+}
 # Issue 6 rows: DGQ ablations at each width (full DGQ = the shipped dgq recipes).
 for w, a in ((8, 8), (8, 6), (4, 6), (8, 4)):
     bits = ["--wbits", str(w), "--abits", str(a)]
@@ -45,6 +51,19 @@ for w, a in ((8, 8), (8, 6), (4, 6), (8, 4)):
 def run(cmd: list[str]) -> None:
     print("$", " ".join(cmd), file=sys.stderr, flush=True)
     subprocess.run(cmd, check=True, stdout=sys.stderr)  # keep stdout for the table
+
+
+def under_target(ckpt: Path) -> tuple[int, int] | None:
+    """(experts whose routed calibration tokens were under the target, experts) from quantization.json,
+    for methods that balance expert calibration (EAQuant, DuQuant); None if not recorded."""
+    qj = ckpt / "quantization.json"
+    if not qj.is_file():
+        return None
+    cals = [r["calibration"] for r in json.loads(qj.read_text())["layers"].values()
+            if "expert_tokens" in (r.get("calibration") or {})]
+    if not cals:
+        return None
+    return sum(len(c["under_target"]) for c in cals), sum(len(c["expert_tokens"]) for c in cals)
 
 
 def main() -> int:
@@ -76,11 +95,17 @@ def main() -> int:
         run(["quantkit", "eval", str(ck), "--n", str(args.n), "--seed", str(args.seed), "--json", str(js), *extra])
         rows.append((label, json.loads(js.read_text()), qt))
     metrics = sorted({k for _, r, _ in rows for k in r["metrics"]})
-    print(f"| setting | bits/weight | {' | '.join(metrics)} | seconds |")
-    print("|---|---|" + "---|" * len(metrics) + "---|")
+    moe = any(under_target(args.out / f"{name}-{label.replace(' ', '_')}") for label, _, _ in rows[1:])
+    extra_col = " experts under target |" if moe else ""
+    print(f"| setting | bits/weight | {' | '.join(metrics)} |{extra_col} seconds |")
+    print("|---|---|" + "---|" * len(metrics) + ("---|" if moe else "") + "---|")
     for label, r, secs in rows:
         vals = " | ".join(f"{r['metrics'][m]:.4f}" if m in r["metrics"] else "-" for m in metrics)
-        print(f"| {label} | {r['bits_per_weight']:.3f} | {vals} | {secs:.0f} |")
+        extra = ""
+        if moe:
+            u = under_target(args.out / f"{name}-{label.replace(' ', '_')}") if label != "FP" else None
+            extra = f" {u[0]} of {u[1]} |" if u else " - |"
+        print(f"| {label} | {r['bits_per_weight']:.3f} | {vals} |{extra} {secs:.0f} |")
     return 0
 
 
