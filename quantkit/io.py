@@ -23,10 +23,10 @@ from torch import nn
 
 from quantkit.config import ActivationConfig, Recipe
 from quantkit.errors import QuantkitError
-from quantkit.quantizers.step_clock import install_step_clock
 from quantkit.formats.spec import FormatSpec
 from quantkit.layers import empty_quantized, set_submodule
 from quantkit.models import LoadedModel, folder_kind
+from quantkit.quantizers.step_clock import install_step_clock
 
 log = logging.getLogger(__name__)
 

@@ -22,6 +22,7 @@ from torch import nn
 
 from quantkit.errors import QuantkitError
 from quantkit.quantizers.kmeans import kmeans
+from quantkit.quantizers.step_clock import calibration_step, nearest_step, take_buffer_shapes
 
 log = logging.getLogger(__name__)
 
@@ -71,17 +72,10 @@ class GroupActQuantizer(nn.Module):
         tmin, tmax = (None, None) if xt is None else (xt.amin(1), xt.amax(1))
         return xc.amin(1), xc.amax(1), tmin, tmax
 
-    def _slot_key(self) -> float:
-        if not self.timestep_aware:
-            return 0.0
-        if self.clock is None or self.clock.t is None:
-            raise QuantkitError("timestep-aware calibration needs the step clock set (install_step_clock)")
-        return self.clock.t
-
     def observe(self, x: torch.Tensor) -> None:
         """Record per-channel and per-token min/max of `x` for the current step."""
         new = list(self._axes_minmax(x))
-        old = self._stats.get(self._slot_key())
+        old = self._stats.get(calibration_step(self))
         if old is not None:
             for i, reduce in enumerate((torch.minimum, torch.maximum, torch.minimum, torch.maximum)):
                 if old[i] is None or new[i] is None or old[i].shape != new[i].shape:
@@ -90,7 +84,7 @@ class GroupActQuantizer(nn.Module):
                                             "token groups need a fixed resolution")
                     continue
                 new[i] = reduce(old[i], new[i])
-        self._stats[self._slot_key()] = new
+        self._stats[calibration_step(self)] = new
 
     def finalize(self) -> None:
         """Choose the axis, cluster it and set the group ranges of every observed step."""
@@ -141,19 +135,11 @@ class GroupActQuantizer(nn.Module):
     # -- inference -----------------------------------------------------------------------------
     def slot(self) -> int:
         """The calibrated step nearest to the clock's timestep (any sampler step count maps there)."""
-        T = self.timesteps.numel()
-        if T == 0:
+        if self.timesteps.numel() == 0:
             raise QuantkitError("group activation quantizer is not calibrated")
-        if T == 1:
-            return 0
-        if self.clock is None or self.clock.t is None:
-            raise QuantkitError("timestep-aware activation quantizer called outside a denoiser call "
-                                "(no timestep; see install_step_clock)")
-        key = ("ts",)
-        if key not in self._cache:
-            self._cache[key] = self.timesteps.tolist()
-        ts = self._cache[key]
-        return min(range(T), key=lambda i: abs(ts[i] - self.clock.t))
+        if "ts" not in self._cache:
+            self._cache["ts"] = self.timesteps.tolist()
+        return nearest_step(self._cache["ts"], self.clock)
 
     def _params(self, s: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-element scale and zero of slot s, shaped to broadcast against x."""
@@ -198,16 +184,10 @@ class GroupActQuantizer(nn.Module):
         q = torch.clamp(torch.round(x / sc) + z, 0, (1 << self.bits) - 1)
         return (q - z) * sc
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs) -> None:
-        # Buffer shapes depend on the calibration (steps, groups, sizes): take them from the checkpoint.
-        for name in self._buffers:
-            if prefix + name in state_dict:
-                t = state_dict[prefix + name]
-                self._buffers[name] = torch.empty(t.shape, dtype=t.dtype, device=self._buffers[name].device)
+    def _load_from_state_dict(self, state_dict, prefix, *args) -> None:
+        take_buffer_shapes(self, state_dict, prefix)  # shapes depend on the calibration (steps, groups, sizes)
         self._cache = {}
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def extra_repr(self) -> str:
         return (f"int{self.bits} asym, groups={self.groups}, layout={self.layout}, "

@@ -15,6 +15,7 @@ from torch import nn
 
 from quantkit.errors import QuantkitError
 from quantkit.formats.log2 import dequantize_log2, quantize_log2
+from quantkit.quantizers.step_clock import calibration_step, nearest_step, take_buffer_shapes
 
 DELTA_MODES = ("prompt", "calibrated")
 QUANTILES = (0.999, 0.9999, 0.99999)
@@ -42,21 +43,14 @@ class LogProbQuantizer(nn.Module):
     def needs_clock(self) -> bool:
         return self.delta_mode == "calibrated" and (self.timesteps.numel() > 1 or (self.observing and self.timestep_aware))
 
-    def _key(self) -> float:
-        if not self.timestep_aware:
-            return 0.0
-        if self.clock is None or self.clock.t is None:
-            raise QuantkitError("timestep-aware calibration needs the step clock set (install_step_clock)")
-        return self.clock.t
-
     def observe(self, p: torch.Tensor) -> None:
         if self.delta_mode != "calibrated":
             return
         flat = p.detach().float().flatten()
         if flat.numel() > _SAMPLE:
-            g = torch.Generator(device=flat.device).manual_seed(len(self._samples.get(self._key(), [])))
+            g = torch.Generator(device=flat.device).manual_seed(len(self._samples.get(calibration_step(self), [])))
             flat = flat[torch.randint(0, flat.numel(), (_SAMPLE,), generator=g, device=flat.device)]
-        self._samples.setdefault(self._key(), []).append(flat.cpu())
+        self._samples.setdefault(calibration_step(self), []).append(flat.cpu())
 
     def finalize(self) -> None:
         if self.delta_mode != "calibrated":
@@ -77,14 +71,9 @@ class LogProbQuantizer(nn.Module):
         self._samples = {}
 
     def _calibrated_delta(self) -> torch.Tensor:
-        T = self.timesteps.numel()
-        if T == 0:
+        if self.timesteps.numel() == 0:
             raise QuantkitError("log attention quantizer is not calibrated")
-        if T == 1:
-            return self.delta[0]
-        if self.clock is None or self.clock.t is None:
-            raise QuantkitError("timestep-aware attention quantizer called outside a denoiser call")
-        return self.delta[int((self.timesteps - self.clock.t).abs().argmin())]
+        return self.delta[nearest_step(self.timesteps.tolist(), self.clock)]
 
     def forward(self, p: torch.Tensor) -> torch.Tensor:  # p [B, heads, Lq, Lk], >= 0
         if self.observing:
@@ -101,10 +90,7 @@ class LogProbQuantizer(nn.Module):
         return dequantize_log2(quantize_log2(p, delta, self.bits), delta, p.dtype)
 
     def _load_from_state_dict(self, state_dict, prefix, *args) -> None:
-        for name in self._buffers:
-            if prefix + name in state_dict:
-                t = state_dict[prefix + name]
-                self._buffers[name] = torch.empty(t.shape, dtype=t.dtype)
+        take_buffer_shapes(self, state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args)
 
     def extra_repr(self) -> str:

@@ -54,3 +54,30 @@ def install_step_clock(root: nn.Module, argument: str = "timestep") -> StepClock
     for m in modules:
         m.clock = clock
     return clock
+
+
+def calibration_step(quantizer: nn.Module) -> float:
+    """The timestep a calibrating quantizer files its statistics under (0.0 when not timestep-aware)."""
+    if not quantizer.timestep_aware:
+        return 0.0
+    clock = quantizer.clock
+    if clock is None or clock.t is None:
+        raise QuantkitError("timestep-aware calibration needs the step clock set (install_step_clock)")
+    return clock.t
+
+
+def nearest_step(timesteps: list[float], clock: StepClock | None) -> int:
+    """Index of the calibrated timestep nearest to the clock's (any sampler step count maps there)."""
+    if len(timesteps) == 1:
+        return 0
+    if clock is None or clock.t is None:
+        raise QuantkitError("timestep-aware quantizer called outside a denoiser call (no timestep; see install_step_clock)")
+    return min(range(len(timesteps)), key=lambda i: abs(timesteps[i] - clock.t))
+
+
+def take_buffer_shapes(module: nn.Module, state_dict: dict[str, torch.Tensor], prefix: str) -> None:
+    """Resize `module`'s own buffers to the checkpoint's tensors before loading (calibration-dependent shapes)."""
+    for name, buf in module._buffers.items():
+        if prefix + name in state_dict:
+            t = state_dict[prefix + name]
+            module._buffers[name] = torch.empty(t.shape, dtype=t.dtype, device=None if buf is None else buf.device)
