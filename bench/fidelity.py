@@ -74,6 +74,7 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--settings", default=",".join(SETTINGS))
     p.add_argument("--eval-args", default="", help="extra arguments for quantkit eval")
+    p.add_argument("--quantize-args", default="", help="extra arguments for quantkit quantize (e.g. --calib-prompts F)")
     p.add_argument("--no-fp", action="store_true", help="skip the full-precision row")
     args = p.parse_args()
     name = args.model.replace("zoo:", "").replace("/", "_")
@@ -89,7 +90,7 @@ def main() -> int:
         ck = args.out / f"{name}-{label.replace(' ', '_')}"
         t = time.time()
         run(["quantkit", "quantize", args.model, "--out", str(ck), "--overwrite", "--seed", str(args.seed),
-             *SETTINGS[label]])
+             *SETTINGS[label], *args.quantize_args.split()])
         qt = time.time() - t
         js = ck.with_suffix(".json")
         run(["quantkit", "eval", str(ck), "--n", str(args.n), "--seed", str(args.seed), "--json", str(js), *extra])
