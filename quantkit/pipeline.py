@@ -74,7 +74,7 @@ def _owner(name: str, block_names: list[str]) -> str:
 
 def check_plan(loaded: LoadedModel, recipe: Recipe) -> list[LayerTask]:
     """Validate the recipe against the model before any work: method, group sizes, expert layouts."""
-    get_method(recipe.method, recipe)
+    get_method(recipe.method, recipe).check_model(loaded)
     tasks = plan_layers(loaded.root, loaded.adapter, recipe)
     if all(t.plan.skip for t in tasks):
         raise QuantkitError("the recipe quantizes no layer of this model (every layer is skipped)")

@@ -67,6 +67,9 @@ class Method:
         self.recipe = recipe
         self.options = dict(recipe.method_options)
 
+    def check_model(self, loaded: Any) -> None:
+        """Raise QuantkitError before any work if this method cannot run on `loaded`."""
+
     def needs_calibration(self, tasks: list[LayerTask]) -> bool:
         return any(t.plan.activation is not None and not t.plan.activation.dynamic for t in tasks if not t.plan.skip)
 

@@ -62,13 +62,17 @@ class DGQ(Method):
         self.recon_stats: dict[str, dict[str, float]] = {}
         self._fp_root: nn.Module | None = None
 
+    def check_model(self, loaded: Any) -> None:
+        if not loaded.is_pipeline:
+            raise QuantkitError("dgq calibrates on the sampler's steps: give a diffusers pipeline folder, "
+                                f"not a bare {type(loaded.root).__name__}")
+
     def needs_calibration(self, tasks: list[LayerTask]) -> bool:
         return True
 
     def build_calibration(self, loaded: Any, steps: int, prompts_file: str | None, text_file: str | None,
                           progress: Callable[[int], None] | None = None) -> list[CallArgs]:
-        if not loaded.is_pipeline:
-            raise QuantkitError("dgq calibrates on the sampler's steps: give a diffusers pipeline folder")
+        self.check_model(loaded)
         # Every step of the FP sampler on the calibration prompts (the recipe's calib_steps, 25 by default).
         return super().build_calibration(loaded, int(self.opts["calib_steps"]), prompts_file, text_file, progress)
 

@@ -212,3 +212,11 @@ def test_dgq_weight_recon_from_the_shell(tmp_path):
     assert r.exit_code == 0, r.output
     r = cli("quantize", "zoo:tiny-sd", "--recipe", "rtn-w8a8", "--weight-recon", "--out", tmp_path / "x")
     assert r.exit_code != 0 and "dgq" in r.output
+
+
+def test_dgq_on_a_bare_denoiser_is_a_one_line_error(tmp_path):
+    from helpers import cli, one_line_error
+
+    r = cli("quantize", "zoo:tiny-dit", "--recipe", "dgq-w8a6", "--out", tmp_path / "x")
+    assert "pipeline" in one_line_error(r)
+    assert not (tmp_path / "x").exists()
