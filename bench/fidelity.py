@@ -31,6 +31,8 @@ for b in (8, 4):
         f"EDA-DM+FlexRound W{b}A8": ["--recipe", f"eda-dm-w{b}a8", "--rounding", "flexround"],
     }
 SETTINGS["FlexRound W4A8"] = ["--recipe", "flexround-w4a8"]
+SETTINGS["TDAC+BRECQ W4A8"] = ["--recipe", str(RECIPES / "tdac-brecq-w4a8.yaml")]  # EDA-DM without FBR
+SETTINGS["uniform+FBR W4A8"] = ["--recipe", str(RECIPES / "uniform-fbr-w4a8.yaml")]  # EDA-DM without TDAC
 # Issue 7 rows beyond the shipped recipes.
 SETTINGS |= {
     "SmoothQuant+RTN W4A4": ["--recipe", str(RECIPES / "smoothquant-rtn-w4a4.yaml")],
