@@ -48,6 +48,7 @@ for w, a in ((8, 8), (8, 6), (4, 6), (8, 4)):
         f"DGQ groups+log W{w}A{a}": ["--recipe", str(RECIPES / "dgq-groups-log.yaml"), *bits],
         f"DGQ full W{w}A{a}": ["--recipe", "dgq-w8a6", *bits],
     }
+SETTINGS["DGQ full W4A6 +weight-recon"] = ["--recipe", "dgq-w4a6", "--weight-recon"]
 
 
 def run(cmd: list[str]) -> None:
