@@ -78,11 +78,11 @@ class GroupActQuantizer(nn.Module):
         old = self._stats.get(calibration_step(self))
         if old is not None:
             for i, reduce in enumerate((torch.minimum, torch.maximum, torch.minimum, torch.maximum)):
-                if old[i] is None or new[i] is None or old[i].shape != new[i].shape:
-                    if i >= 2 and (old[i] is not None or new[i] is not None):
-                        raise QuantkitError("calibration inputs of one layer change their token count; DGQ's "
-                                            "token groups need a fixed resolution")
+                if old[i] is None and new[i] is None:
                     continue
+                if old[i] is None or new[i] is None or old[i].shape != new[i].shape:
+                    raise QuantkitError("calibration inputs of one layer change shape (token count or resolution); "
+                                        "DGQ's groups need a fixed input size")
                 new[i] = reduce(old[i], new[i])
         self._stats[calibration_step(self)] = new
 
@@ -146,8 +146,8 @@ class GroupActQuantizer(nn.Module):
         key = (s, x.device, x.dtype, tuple(x.shape[2:]) if self.layout == "conv" else x.dim())
         if key in self._cache:
             return self._cache[key]
-        ax = int(self.axis[s])
         c, n_tok = self._sizes()
+        ax = self._cache["axes"][s]
         n = c if ax == CHANNEL else n_tok
         idx = self.group_of[s, :n].long()
         sc, z = self.scale[s][idx].to(x.dtype), self.zero[s][idx].to(x.dtype)
@@ -159,18 +159,20 @@ class GroupActQuantizer(nn.Module):
         return self._cache[key]
 
     def _sizes(self) -> tuple[int, int]:
-        if "sizes" not in self._cache:
+        if "sizes" not in self._cache:  # python copies: no device sync per call
             self._cache["sizes"] = tuple(int(v) for v in self.sizes.tolist())
+            self._cache["axes"] = [int(a) for a in self.axis.tolist()]
         return self._cache["sizes"]
 
-    def _check_shape(self, x: torch.Tensor) -> None:
+    def _check_shape(self, x: torch.Tensor, s: int) -> None:
+        """Channels must match; tokens too when this step groups tokens (their groups fix the resolution)."""
         c, n_tok = self._sizes()
         xc = x.shape[1] if self.layout == "conv" else x.shape[-1]
         if self.layout == "conv":
             xt = x.shape[2] * x.shape[3]
         else:
             xt = x.shape[-2] if x.dim() >= 3 else 0
-        if xc != c or (n_tok and xt != n_tok):
+        if xc != c or (self._cache["axes"][s] == TOKEN and xt != n_tok):
             raise QuantkitError(f"input has {xc} channels and {xt} tokens/pixels; this DGQ quantizer was calibrated "
                                 f"for {c} and {n_tok} (token groups fix the resolution: sample at the calibrated size)")
 
@@ -179,7 +181,7 @@ class GroupActQuantizer(nn.Module):
             self.observe(x)
             return x
         s = self.slot()
-        self._check_shape(x)
+        self._check_shape(x, s)
         sc, z = self._params(s, x)
         q = torch.clamp(torch.round(x / sc) + z, 0, (1 << self.bits) - 1)
         return (q - z) * sc
