@@ -83,7 +83,8 @@ def quantize(
     calib_size: Optional[int] = typer.Option(None, help="Calibration prompts / sequences."),
     calib_prompts: Optional[Path] = typer.Option(None, help="Text file, one calibration prompt a line."),
     calib_text: Optional[Path] = typer.Option(None, help="Plain-text calibration corpus for language models."),
-    calib_steps: int = typer.Option(10, help="Sampler steps recorded per calibration prompt."),
+    calib_steps: Optional[int] = typer.Option(None, help="Sampler steps recorded per calibration prompt "
+                                              "(default: the method's; 10, dgq 25)."),
     calib: Optional[Path] = typer.Option(None, "--calib", help="Calibration file from `quantkit calib select`."),
     rounding: Optional[str] = typer.Option(None, help="Learnable rounding of reconstruction methods: adaround or flexround."),
     weight_recon: Optional[bool] = typer.Option(None, "--weight-recon/--no-weight-recon",

@@ -82,7 +82,7 @@ def check_plan(loaded: LoadedModel, recipe: Recipe) -> list[LayerTask]:
 
 
 def quantize_model(loaded: LoadedModel, recipe: Recipe, *, calib_prompts: str | None = None,
-                   calib_text: str | None = None, calib_steps: int = 10, calls: list[CallArgs] | None = None,
+                   calib_text: str | None = None, calib_steps: int | None = None, calls: list[CallArgs] | None = None,
                    progress: Progress | None = None, work_dir: str | Path | None = None) -> QuantizationResult:
     """Quantize `loaded.root` in place by `recipe`; returns what was done."""
     t0 = time.time()
@@ -91,6 +91,10 @@ def quantize_model(loaded: LoadedModel, recipe: Recipe, *, calib_prompts: str | 
     tasks = check_plan(loaded, recipe)
     todo = [t for t in tasks if not t.plan.skip]
     calibration: dict[str, Any] = {"used": False}
+    if calib_steps is None:
+        calib_steps = method.default_calib_steps
+    if calib_steps < 1:
+        raise QuantkitError(f"calibration steps must be at least 1, got {calib_steps}")
     if calls is None and method.needs_calibration(todo):
         sampled = [0]
 

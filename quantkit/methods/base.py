@@ -62,6 +62,7 @@ class Method:
     """Base class: subclasses implement `quantize_block` (and may need calibration)."""
 
     name = "base"
+    default_calib_steps = 10  # sampler steps recorded per calibration prompt when none are asked for
 
     def __init__(self, recipe: Recipe) -> None:
         self.recipe = recipe

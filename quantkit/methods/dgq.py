@@ -13,7 +13,7 @@ method_options (defaults):
   per_batch_delta: false  true = the official code's one max over the whole batch
   start_token_fp: true  cross-attention start-token key and probability column stay FP
   timestep_aware: true
-  calib_steps: 25       sampler steps recorded per calibration prompt (the official SD setting)
+  calib_steps: 25       sampler steps per calibration prompt (the official SD setting; --calib-steps overrides)
   force_axis: null      channel | token (the code's IN_CHANNEL_WISE) | null = choose by spread
   weight_recon: false   true = BRECQ/AdaRound weights (recon_iters, recon_lr) before activation stats
 """
@@ -58,6 +58,7 @@ class DGQ(Method):
         if act is None or act.dynamic or act.groups is None:
             raise QuantkitError("dgq needs static activations with 'groups' (e.g. activation: {kind: int, bits: 6, "
                                 "symmetric: false, granularity: tensor, dynamic: false, groups: 8})")
+        self.default_calib_steps = int(self.opts["calib_steps"])
         self.attention_records: dict[str, dict[str, Any]] = {}
         self.recon_stats: dict[str, dict[str, float]] = {}
         self._fp_root: nn.Module | None = None
@@ -73,8 +74,8 @@ class DGQ(Method):
     def build_calibration(self, loaded: Any, steps: int, prompts_file: str | None, text_file: str | None,
                           progress: Callable[[int], None] | None = None) -> list[CallArgs]:
         self.check_model(loaded)
-        # Every step of the FP sampler on the calibration prompts (the recipe's calib_steps, 25 by default).
-        return super().build_calibration(loaded, int(self.opts["calib_steps"]), prompts_file, text_file, progress)
+        # Every step of the FP sampler on the calibration prompts (`--calib-steps`, else the recipe's calib_steps).
+        return super().build_calibration(loaded, steps, prompts_file, text_file, progress)
 
     # ------------------------------------------------------------------------------------------
     def quantize_block(self, ctx: BlockContext) -> dict[str, nn.Module]:
