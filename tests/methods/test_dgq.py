@@ -220,3 +220,11 @@ def test_dgq_on_a_bare_denoiser_is_a_one_line_error(tmp_path):
     r = cli("quantize", "zoo:tiny-dit", "--recipe", "dgq-w8a6", "--out", tmp_path / "x")
     assert "pipeline" in one_line_error(r)
     assert not (tmp_path / "x").exists()
+
+
+def test_width_overrides_keep_the_dgq_groups():
+    from quantkit.config import recipe_with_overrides
+
+    rec = recipe_with_overrides(Recipe.load("dgq-w8a6"), wbits=4, abits=4)
+    assert rec.weight.bits == 4 and rec.activation.format.bits == 4
+    assert rec.activation.groups == 8 and not rec.activation.dynamic
