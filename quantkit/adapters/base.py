@@ -48,6 +48,19 @@ def supported_experts_layout(module: nn.Module) -> str | None:
     return None
 
 
+def first_tensor(out: Any, keys: tuple[str, ...]) -> torch.Tensor:
+    """`out` itself, its first attribute among `keys` that is a tensor, or its first element (tuple outputs)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    for key in keys:
+        v = getattr(out, key, None)
+        if isinstance(v, torch.Tensor):
+            return v
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise QuantkitError(f"cannot find an output tensor in {type(out).__name__}")
+
+
 class ModelAdapter:
     """Base adapter; subclasses override `matches`, `blocks`, `role` and the calibration hooks."""
 
@@ -82,12 +95,4 @@ class ModelAdapter:
 
     def output_tensor(self, out: Any) -> torch.Tensor:
         """The main tensor of a root forward's output (for comparisons)."""
-        if isinstance(out, torch.Tensor):
-            return out
-        for key in ("sample", "logits", "last_hidden_state"):
-            v = getattr(out, key, None)
-            if isinstance(v, torch.Tensor):
-                return v
-        if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-            return out[0]
-        raise QuantkitError(f"cannot find an output tensor in {type(out).__name__}")
+        return first_tensor(out, ("sample", "logits", "last_hidden_state"))

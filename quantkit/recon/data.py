@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from quantkit.adapters.base import CallArgs
+from quantkit.adapters.base import CallArgs, first_tensor
 
 
 def _rows(call: CallArgs) -> int:
@@ -86,12 +86,4 @@ def mix_inputs(q: CallArgs, fp: CallArgs, prob: float, gen: torch.Generator | No
 
 def main_tensor(out: Any) -> torch.Tensor:
     """The tensor a block returns (blocks return a tensor, a tuple, or an output dataclass)."""
-    if isinstance(out, torch.Tensor):
-        return out
-    for key in ("sample", "hidden_states"):
-        v = getattr(out, key, None)
-        if isinstance(v, torch.Tensor):
-            return v
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-        return out[0]
-    raise TypeError(f"cannot find the output tensor of a block returning {type(out).__name__}")
+    return first_tensor(out, ("sample", "hidden_states"))
