@@ -51,18 +51,29 @@ def user_errors() -> Iterator[None]:
 
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("transformers", "diffusers"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
-    try:  # the libraries' own progress bars would interleave with ours
+    # transformers' / diffusers' warnings stay on (a load report or a fallback can change the result);
+    # only their progress bars go, they would interleave with ours.
+    try:
         from diffusers.utils import logging as dlog
         from transformers.utils import logging as tlog
 
-        tlog.set_verbosity_error()
+        tlog.set_verbosity_info() if verbose else tlog.set_verbosity_warning()
         tlog.disable_progress_bar()
-        dlog.set_verbosity_error()
+        dlog.set_verbosity_info() if verbose else dlog.set_verbosity_warning()
         dlog.disable_progress_bar()
     except ImportError:
         pass
+    for handler in logging.getLogger("transformers").handlers + logging.getLogger().handlers:
+        if not any(isinstance(f, _HarmlessNotices) for f in handler.filters):
+            handler.addFilter(_HarmlessNotices())
+
+
+class _HarmlessNotices(logging.Filter):
+    """Drops notices known not to change any result (image-processor backend choice when a pipeline
+    folder is read); everything else from the libraries is shown."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision (not installed)" not in record.getMessage()
 
 
 def _progress() -> Progress:

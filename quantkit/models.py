@@ -89,9 +89,16 @@ def _diffusers_class(name: str) -> type:
 
 
 def load_model(source: str, device: str = "cpu") -> LoadedModel:
-    """Load a full-precision model or pipeline from a local folder or the zoo."""
+    """Load a full-precision model or pipeline from a local folder or the zoo.
+
+    The folder's safetensors headers are checked against its config first (source_check.py): a
+    missing, unexpected or wrongly shaped tensor is an error here, not a randomly initialized layer.
+    """
+    from quantkit.source_check import check_finite, check_source_folder
+
     path = resolve_path(source)
     kind = folder_kind(path)
+    check_source_folder(path)
     tokenizer = None
     component = None
     try:
@@ -105,19 +112,47 @@ def load_model(source: str, device: str = "cpu") -> LoadedModel:
             obj.to(device)
         elif kind == "diffusers-model":
             cfg = json.loads((path / "config.json").read_text())
-            obj = _diffusers_class(cfg["_class_name"]).from_pretrained(path, local_files_only=True).to(device)
+            obj, info = _diffusers_class(cfg["_class_name"]).from_pretrained(path, local_files_only=True,
+                                                                             output_loading_info=True)
+            _check_loading_info(path, info)
+            obj = obj.to(device)
         else:
-            obj = transformers_class(path).from_pretrained(path, local_files_only=True).to(device)
+            obj, info = transformers_class(path).from_pretrained(path, local_files_only=True, output_loading_info=True)
+            _check_loading_info(path, info)
+            obj = obj.to(device)
             tokenizer = load_tokenizer(path)
     except QuantkitError:
         raise
     except (OSError, ValueError, KeyError) as e:
         raise QuantkitError(f"cannot load model from {path}: {str(e).splitlines()[0]}") from None
+    except RuntimeError as e:  # transformers' conversion / size-mismatch errors point at a report we do not show
+        raise QuantkitError(f"cannot load model from {path}: the weights do not fit the config "
+                            f"({str(e).splitlines()[0][:200]}); run with -v for the library's load report") from None
     loaded = LoadedModel(obj, source, path, component, None, tokenizer)  # type: ignore[arg-type]
     own_tensors(loaded.root)
+    for name, module in _modules_of(loaded):
+        check_finite(module.state_dict().items(), f"{path}{'/' + name if name else ''}")
     loaded.adapter = adapter_for(loaded.root)
     loaded.root.eval()
     return loaded
+
+
+def _check_loading_info(path: Path, info: dict[str, Any]) -> None:
+    """The library's own load report: anything missing, mismatched or unexpected is an error."""
+    for key, what in (("missing_keys", "missing from the weights"), ("mismatched_keys", "of the wrong shape"),
+                      ("unexpected_keys", "not a parameter of the model")):
+        bad = sorted(info.get(key) or [])
+        if bad:
+            first = bad[0][0] if isinstance(bad[0], tuple) else bad[0]
+            raise QuantkitError(f"cannot load model from {path}: tensor {first} is {what} "
+                                f"({len(bad)} such tensors in the library's load report)")
+
+
+def _modules_of(loaded: "LoadedModel") -> list[tuple[str, nn.Module]]:
+    if not loaded.is_pipeline:
+        return [("", loaded.obj)]
+    comps = getattr(loaded.obj, "components", {}) or {}
+    return [(n, m) for n, m in comps.items() if isinstance(m, nn.Module)]
 
 
 def transformers_class(path: Path) -> Any:
