@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from quantkit.adapters.base import CallArgs
+from quantkit.errors import QuantkitError
 from quantkit.calib.data_files import read_prompts, read_text
 
 log = logging.getLogger(__name__)
@@ -92,6 +93,9 @@ def text_calls(tokenizer: Any, vocab_size: int, n: int, seed: int, seq_len: int 
         log.warning("model has no tokenizer: calibration uses UTF-8 byte values modulo the vocabulary size")
         ids = [b % vocab_size for b in text.encode("utf-8")]
     if len(ids) <= seq_len:
+        if text_file is not None:  # repeating a few bytes would calibrate on a degenerate signal
+            raise QuantkitError(f"calibration text file {text_file} has {len(ids)} tokens; one calibration window "
+                                f"needs more than {seq_len}: give a longer text")
         ids = ids * (seq_len // max(len(ids), 1) + 2)
     rng = random.Random(seed)
     out = []

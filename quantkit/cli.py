@@ -89,7 +89,8 @@ def quantize(
     method: Optional[str] = typer.Option(None, help="Method name (overrides the recipe), e.g. rtn."),
     wbits: Optional[int] = typer.Option(None, help="Weight bits (2-8 for int)."),
     abits: Optional[int] = typer.Option(None, help="Activation bits; 16 = weight-only."),
-    group_size: Optional[int] = typer.Option(None, help="Weight group size along the input dim; 0 = per channel."),
+    group_size: Optional[str] = typer.Option(None, help="Weight group size along the input dim (a positive integer "
+                                             "dividing it, e.g. 128), or 'channel' for one scale per output channel."),
     format: Optional[str] = typer.Option(None, "--format", help="Weight format: int, mxfp4 or fp8."),
     calib_size: Optional[int] = typer.Option(None, help="Calibration prompts / sequences."),
     calib_prompts: Optional[Path] = typer.Option(None, help="Text file, one calibration prompt a line."),
@@ -111,10 +112,7 @@ def quantize(
     _setup_logging(verbose)
     with user_errors():
         from quantkit.config import Recipe, recipe_with_overrides
-        from quantkit.io import check_output_dir, save_checkpoint
-        from quantkit.models import load_model
-        from quantkit.methods import get_method
-        from quantkit.pipeline import check_plan, quantize_model
+        from quantkit.io import check_output_dir
 
         if device not in ("cpu", "cuda"):
             raise QuantkitError(f"unknown --device {device!r}; allowed: cpu, cuda")
@@ -123,55 +121,85 @@ def quantize(
 
             if not torch.cuda.is_available():
                 raise QuantkitError("--device cuda was asked for but no CUDA device is available; use --device cpu")
-        check_output_dir(out, overwrite)
+        from quantkit.models import resolve_path
+        from quantkit.output_guard import output_lock
+
+        if max_shard_mb < 1:
+            raise QuantkitError(f"--max-shard-mb must be at least 1 (MiB), got {max_shard_mb}")
+        check_output_dir(out, overwrite, resolve_path(model))
         rec = Recipe.load(recipe) if recipe else Recipe()
         rec = recipe_with_overrides(rec, method=method, wbits=wbits, abits=abits, group_size=group_size, fmt=format,
                                     calib_size=calib_size, seed=seed)
         if rounding is not None:
+            from quantkit.flag_check import check_rounding_flag
+
+            check_rounding_flag(rec.method)
             rec = rec.replace(method_options={**rec.method_options, "rounding": rounding})
         if weight_recon is not None:
             if rec.method != "dgq":
                 raise QuantkitError(f"--weight-recon is an option of method dgq, not {rec.method!r}")
             rec = rec.replace(method_options={**rec.method_options, "weight_recon": weight_recon})
-        calls, calib_prov = None, None
-        if calib is not None:
-            from quantkit.calib.calib_file import batch_items, load_calibration
+        with output_lock(out):
+            _quantize_locked(model, out, rec, calib, calib_prompts, calib_text, calib_steps, resume, device,
+                             overwrite, max_shard_mb)
 
-            items, calib_prov = load_calibration(calib)
-            calls = [c.to(device) for c in batch_items(items, 8)]
-        import shutil
 
-        work_dir = out.parent / f".{out.name}.progress"  # per-block state of a killed run (see docs)
-        if not resume:
-            shutil.rmtree(work_dir, ignore_errors=True)
-        get_method(rec.method, rec)
-        from quantkit.calib import read_prompts, read_text
+def _quantize_locked(model: str, out: Path, rec, calib: Optional[Path], calib_prompts: Optional[Path],
+                     calib_text: Optional[Path], calib_steps: Optional[int], resume: bool, device: str,
+                     overwrite: bool, max_shard_mb: int) -> None:
+    """The quantize command once its flags are checked and the output is locked."""
+    import shutil
 
-        if calib_prompts is not None:
-            read_prompts(calib_prompts)
-        if calib_text is not None:
-            read_text(calib_text)
-        loaded = load_model(model, device)
-        check_plan(loaded, rec)
-        console.print(f"quantizing [bold]{model}[/] ({type(loaded.root).__name__}, adapter {loaded.adapter.name}) "
-                      f"with [bold]{rec.method}[/] w={rec.weight.short} "
-                      f"a={'fp' if rec.activation is None else rec.activation.format.short}")
-        with _progress() as bar:
-            task = bar.add_task("blocks", total=None)
+    from quantkit.flag_check import check_calls_fit, check_flags, group_fallback_note
+    from quantkit.io import save_checkpoint
+    from quantkit.methods import get_method
+    from quantkit.models import load_model
+    from quantkit.pipeline import check_plan, quantize_model
 
-            def progress(what: str, done: int, total: int) -> None:
-                bar.update(task, description=f"block {what}", completed=done, total=total)
+    calls, calib_prov = None, None
+    if calib is not None:
+        from quantkit.calib.calib_file import batch_items, load_calibration
 
-            result = quantize_model(loaded, rec, calib_prompts=str(calib_prompts) if calib_prompts else None,
-                                    calib_text=str(calib_text) if calib_text else None, calib_steps=calib_steps,
-                                    progress=progress, calls=calls, work_dir=work_dir)
-        if calib_prov is not None:
-            result.calibration.update(file=str(calib), selection=calib_prov)
-        save_checkpoint(loaded, rec, result, out, overwrite=overwrite, max_shard_bytes=max_shard_mb * 1024**2)
+        items, calib_prov = load_calibration(calib)
+        calls = [c.to(device) for c in batch_items(items, 8)]
+    work_dir = out.parent / f".{out.name}.progress"  # per-block state of a killed run (see docs)
+    if not resume:
         shutil.rmtree(work_dir, ignore_errors=True)
-        console.print(f"[green]wrote[/] {out}: {len(result.layers)} layers quantized, {len(result.skipped)} kept in "
-                      f"full precision, {result.seconds:.1f}s")
-        _print_expert_tokens(result.layers)
+    method = get_method(rec.method, rec)
+    from quantkit.calib import read_prompts, read_text
+
+    if calib_prompts is not None:
+        read_prompts(calib_prompts)
+    if calib_text is not None:
+        read_text(calib_text)
+    loaded = load_model(model, device)
+    tasks = check_plan(loaded, rec)
+    check_flags(loaded, rec, method, tasks, calib_prompts=calib_prompts, calib_text=calib_text, calib_file=calib,
+                calib_steps=calib_steps)
+    if calls is not None:
+        check_calls_fit(loaded, calls, calib)
+    console.print(f"quantizing [bold]{model}[/] ({type(loaded.root).__name__}, adapter {loaded.adapter.name}) "
+                  f"with [bold]{rec.method}[/] w={rec.weight.short}{group_fallback_note(rec, tasks)} "
+                  f"a={'fp' if rec.activation is None else rec.activation.format.short}", highlight=False)
+    with _progress() as bar:
+        task = bar.add_task("blocks", total=None)
+
+        def progress(what: str, done: int, total: int) -> None:
+            bar.update(task, description=f"block {what}", completed=done, total=total)
+
+        result = quantize_model(loaded, rec, calib_prompts=str(calib_prompts) if calib_prompts else None,
+                                calib_text=str(calib_text) if calib_text else None, calib_steps=calib_steps,
+                                progress=progress, calls=calls, work_dir=work_dir)
+    if calib_prov is not None:
+        result.calibration.update(file=str(calib), selection=calib_prov)
+    save_checkpoint(loaded, rec, result, out, overwrite=overwrite, max_shard_bytes=max_shard_mb * 1024**2,
+                    source=loaded.path)
+    shutil.rmtree(work_dir, ignore_errors=True)
+    resumed = result.calibration.get("resumed_blocks")
+    console.print(f"[green]wrote[/] {out}: {len(result.layers)} layers quantized, {len(result.skipped)} kept in "
+                  f"full precision, {result.seconds:.1f}s" + (f" ({resumed} blocks reused from a killed run)"
+                                                              if resumed else ""))
+    _print_expert_tokens(result.layers)
 
 
 def _print_expert_tokens(layers: dict) -> None:
@@ -236,6 +264,10 @@ def generate(
         from quantkit.generate import generate_images, generate_text, image_grid
         from quantkit.models import load_tokenizer, resolve_path
 
+        if steps < 1:
+            raise QuantkitError(f"--steps must be at least 1, got {steps}")
+        if n < 1:
+            raise QuantkitError(f"--n must be at least 1, got {n}")
         path = resolve_path(model)
         import quantkit
 

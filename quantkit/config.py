@@ -38,6 +38,14 @@ def _check_keys(d: dict[str, Any], cls: type, where: str) -> None:
             raise QuantkitError(f"unknown key {k!r} in {where}{_suggest(k, allowed)}; allowed: {', '.join(allowed)}")
 
 
+def _typed(value: Any, want: type | tuple[type, ...], field_name: str, words: str) -> Any:
+    """`value` if it has type `want` (bools are not ints), else a one-line error."""
+    bad_bool = isinstance(value, bool) and want in (int, (int, type(None)))
+    if not isinstance(value, want) or bad_bool:
+        raise QuantkitError(f"recipe field {field_name} must be {words}, got {value!r} ({type(value).__name__})")
+    return value
+
+
 def _spec(d: dict[str, Any] | FormatSpec | None, where: str) -> FormatSpec | None:
     if d is None or isinstance(d, FormatSpec):
         return d
@@ -68,9 +76,9 @@ class ActivationConfig:
         if d is None:
             return None
         d = dict(d)
-        dynamic = d.pop("dynamic", True)
-        groups = d.pop("groups", None)
-        return cls(_spec(d, "activation"), bool(dynamic), None if groups is None else int(groups))
+        dynamic = _typed(d.pop("dynamic", True), bool, "activation.dynamic", "true or false")
+        groups = _typed(d.pop("groups", None), (int, type(None)), "activation.groups", "an integer")
+        return cls(_spec(d, "activation"), dynamic, groups)
 
     def to_dict(self) -> dict[str, Any]:
         out = {**self.format.to_dict(), "dynamic": self.dynamic}
@@ -110,8 +118,13 @@ class LayerRule:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "LayerRule":
+        if not isinstance(d, dict):
+            raise QuantkitError(f"each recipe rule must be a mapping, got {d!r}")
         _check_keys(d, cls, "rule")
         d = dict(d)
+        _typed(d.get("skip", False), bool, "rule.skip", "true or false")
+        for k in ("name", "pattern", "role"):
+            _typed(d.get(k), (str, type(None)), f"rule.{k}", "a string")
         if "weight" in d:
             d["weight"] = _spec(d["weight"], "rule weight")
         if "activation" in d:
@@ -191,6 +204,12 @@ class Recipe:
             raise QuantkitError(f"a recipe must be a mapping, got {type(d).__name__}")
         _check_keys(d, cls, "recipe")
         d = dict(d)
+        for k, want, words in (("method", str, "a string"), ("calib_size", int, "a positive integer"),
+                               ("seed", int, "an integer"), ("group_fallback", str, "'error' or 'channel'"),
+                               ("skip_roles", (list, type(None)), "a list of roles"),
+                               ("method_options", (dict, type(None)), "a mapping of option: value")):
+            if k in d:
+                _typed(d[k], want, k, words)
         if "weight" in d:
             d["weight"] = _spec(d["weight"], "weight")
         if "activation" in d:
@@ -215,7 +234,10 @@ class Recipe:
             data = yaml.safe_load(p.read_text()) if p.suffix in (".yaml", ".yml") else json.loads(p.read_text())
         except (yaml.YAMLError, json.JSONDecodeError) as e:
             raise QuantkitError(f"recipe {p} is not valid YAML/JSON: {str(e).splitlines()[0]}") from None
-        return cls.from_dict(data or {})
+        if data is None or data == {}:
+            raise QuantkitError(f"recipe {p} is empty; give at least 'method' (e.g. method: rtn) or a built-in "
+                                "recipe name")
+        return cls.from_dict(data)
 
     def replace(self, **changes: Any) -> "Recipe":
         return dataclasses.replace(self, **changes)
@@ -239,14 +261,28 @@ def builtin_recipe_path(name: str) -> Path:
     )
 
 
+def _group_size_flag(value: int | str) -> int | None:
+    """--group-size: a positive integer, or 'channel' (None: one scale per output channel)."""
+    if isinstance(value, str) and value.strip().lower() in ("channel", "per-channel"):
+        return None
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        n = 0
+    if n < 1 or str(value).strip() != str(n):
+        raise QuantkitError(f"--group-size must be a positive integer dividing the input dimension (e.g. 32, 64, "
+                            f"128) or 'channel' for one scale per output channel, got {value!r}")
+    return n
+
+
 def recipe_with_overrides(recipe: Recipe, *, method: str | None = None, wbits: int | None = None,
-                          abits: int | None = None, group_size: int | None = None, fmt: str | None = None,
+                          abits: int | None = None, group_size: int | str | None = None, fmt: str | None = None,
                           calib_size: int | None = None, seed: int | None = None) -> Recipe:
     """Apply command-line flags on top of a recipe (flags win).
 
     wbits/fmt/group_size change the default weight format; abits 16 turns activation quantization
     off, another value quantizes activations per token (int) or per 32 (mxfp4) dynamically.
-    group_size 0 means one scale per output channel.
+    group_size "channel" means one scale per output channel.
     """
     w = recipe.weight.to_dict()
     if fmt is not None:
@@ -264,8 +300,7 @@ def recipe_with_overrides(recipe: Recipe, *, method: str | None = None, wbits: i
     if wbits is not None:
         w["bits"] = wbits
     if group_size is not None:
-        if group_size < 0:
-            raise QuantkitError(f"--group-size must be 0 (per channel) or positive, got {group_size}")
+        group_size = _group_size_flag(group_size)
         w.update(granularity="group", group_size=group_size) if group_size else w.update(granularity="channel", group_size=None)
     changes: dict[str, Any] = {"weight": FormatSpec(**w)}
     if abits is not None:

@@ -20,6 +20,8 @@ def _tensor_sizes(folder: Path, files: list[str]) -> dict[str, tuple[int, int]]:
     out = {}
     for name in files:
         p = folder / name
+        if not p.is_file():
+            raise QuantkitError(f"checkpoint file {p} is missing (listed in quantization.json)")
         try:
             with safe_open(str(p), framework="pt") as f:
                 for k in f.keys():

@@ -43,12 +43,11 @@ def _is_weight_file(name: str) -> bool:
     return name.endswith(_WEIGHT_SUFFIXES) or name.endswith(".index.json")
 
 
-def check_output_dir(out: Path, overwrite: bool) -> None:
-    """Fail early (before any work) if `out` holds something that would be lost."""
-    if out.exists() and not out.is_dir():
-        raise QuantkitError(f"output path {out} exists and is not a folder; choose another --out")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise QuantkitError(f"output folder {out} is not empty; choose another --out or pass --overwrite")
+def check_output_dir(out: Path, overwrite: bool, source: Path | None = None) -> None:
+    """Fail early (before any work) if writing `out` would fail or destroy something (output_guard.py)."""
+    from quantkit.output_guard import check_output_path
+
+    check_output_path(Path(out), overwrite, source)
 
 
 def _copy_source(src: Path, dst: Path, weights_dir: str | None) -> None:
@@ -100,12 +99,13 @@ def _write_shards(state: dict[str, torch.Tensor], folder: Path, max_shard_bytes:
 
 
 def save_checkpoint(loaded: LoadedModel, recipe: Recipe, result: Any, out: str | Path, *,
-                    overwrite: bool = False, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
+                    overwrite: bool = False, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+                    source: Path | None = None) -> Path:
     """Write the quantized model atomically: a temp folder renamed into place when complete."""
     import quantkit
 
     out = Path(out)
-    check_output_dir(out, overwrite)
+    check_output_dir(out, overwrite, source if source is not None else loaded.path)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -125,17 +125,36 @@ def save_checkpoint(loaded: LoadedModel, recipe: Recipe, result: Any, out: str |
                       "adapter": loaded.adapter.name},
             "recipe": recipe.to_dict(), "layers": result.layers, "skipped": result.skipped,
             "calibration": result.calibration, "weights": {"files": files, "tied": tied},
-            "seconds": round(result.seconds, 3),
+            "seconds": round(result.seconds, 3), "versions": library_versions(),
         }
         clash = set(result.extras) & set(meta)
         if clash:
             raise QuantkitError(f"method records {sorted(clash)} clash with quantization.json's own keys")
         meta.update(result.extras)
+        from quantkit.output_guard import written_files
+
+        meta["files"] = sorted([*written_files(tmp), QUANT_JSON])  # what a later --overwrite may replace
         (tmp / QUANT_JSON).write_text(json.dumps(meta, indent=1))
         _replace_dir(tmp, out)
+    except OSError as e:  # full disk, vanished folder, permissions changed mid-run
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise QuantkitError(f"cannot write checkpoint {out}: {e.strerror or e}; nothing was written") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return out
+
+
+def library_versions() -> dict[str, str]:
+    """torch / transformers / diffusers / safetensors versions, recorded for reproducibility."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("torch", "transformers", "diffusers", "safetensors", "quantkit"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
     return out
 
 
@@ -160,8 +179,16 @@ def read_quant_json(ckpt: Path) -> dict[str, Any]:
         raise QuantkitError(f"{p} is corrupted (not valid JSON: {e})") from None
     if meta.get("format") != FORMAT_NAME:
         raise QuantkitError(f"{p} is not a quantkit checkpoint description (format {meta.get('format')!r})")
-    if meta.get("format_version", 0) > FORMAT_VERSION:
+    fv = meta.get("format_version")
+    if not isinstance(fv, int) or isinstance(fv, bool) or fv < 1:
+        raise QuantkitError(f"{p} has an unknown format_version {fv!r}; this quantkit reads 1 to {FORMAT_VERSION}")
+    if fv > FORMAT_VERSION:
         raise QuantkitError(f"{ckpt} has format version {meta['format_version']}; this quantkit reads up to {FORMAT_VERSION}")
+    for key, typ in (("model", dict), ("layers", dict), ("weights", dict)):
+        if not isinstance(meta.get(key), typ):
+            raise QuantkitError(f"{p} is incomplete: field {key!r} is missing or not a {typ.__name__}")
+    if not isinstance(meta["weights"].get("files"), list) or "component" not in meta["model"] or "kind" not in meta["model"]:
+        raise QuantkitError(f"{p} is incomplete: it needs weights.files, model.component and model.kind")
     return meta
 
 
@@ -223,7 +250,16 @@ def load_quantized_root(ckpt: Path, meta: dict[str, Any], device: str = "cpu") -
     state = read_state(folder, meta["weights"]["files"], device)
     for alias, src in meta["weights"].get("tied", {}).items():
         state[alias] = state[src]
-    result = root.load_state_dict(state, strict=False, assign=True)
+    try:
+        result = root.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as e:  # torch lists every size mismatch; name the first one
+        import re
+
+        m = re.search(r"size mismatch for ([^:]+): copying a param with shape (\S+ ?\S*) from checkpoint, the shape "
+                      r"in current model is (\S+ ?\S*)\.", str(e))
+        detail = (f"tensor {m.group(1)} has shape {m.group(2)} in the checkpoint, the model needs {m.group(3)}"
+                  if m else str(e).splitlines()[0][:200])
+        raise QuantkitError(f"{ckpt} does not match its quantization.json: {detail}") from None
     if result.missing_keys or result.unexpected_keys:
         bad = (result.missing_keys or result.unexpected_keys)[0]
         raise QuantkitError(f"{ckpt} does not match its quantization.json: tensor {bad} is "

@@ -20,6 +20,7 @@ from quantkit.layers import LayerTask, layer_record, plan_layers, set_submodule
 from quantkit.methods import BlockContext, get_method
 from quantkit.models import LoadedModel
 from quantkit.nn import QuantExperts
+from quantkit.numeric_guard import check_inputs_finite, check_module_finite
 from quantkit.quantizers.step_clock import install_step_clock
 
 log = logging.getLogger(__name__)
@@ -124,9 +125,11 @@ def quantize_model(loaded: LoadedModel, recipe: Recipe, *, calib_prompts: str | 
         inputs = None
         if calls is not None:
             inputs = calls if block is root else capture_block_inputs(root, block, calls)
+            check_inputs_finite(inputs, f"block {bname or '(root)'}")
         ctx = BlockContext(bname, block, by_block.get(bname, []), inputs, root, calls=calls, progress=progress,
                            work_dir=Path(work_dir) if work_dir is not None else None)
         for name, qmodule in method.quantize_block(ctx).items():
+            check_module_finite(name, qmodule)
             set_submodule(root, name, qmodule)
             done[name] = qmodule
         log.info("quantized %s (%d layers)", bname or "layers outside blocks", len(ctx.tasks))
@@ -134,6 +137,8 @@ def quantize_model(loaded: LoadedModel, recipe: Recipe, *, calib_prompts: str | 
         progress("done", len(units), len(units))
     _verify(root, todo, done)
     install_step_clock(root)  # timestep-aware quantizers (DGQ) follow the sampler from now on
+    if method.resumed_blocks:
+        calibration["resumed_blocks"] = len(method.resumed_blocks)
     layers = {t.name: layer_record(t, done[t.name]) for t in todo}
     skipped = {t.name: t.role for t in tasks if t.plan.skip}
     return QuantizationResult(layers, skipped, calibration, time.time() - t0, [n for n, _ in units],

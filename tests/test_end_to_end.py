@@ -105,7 +105,12 @@ def test_existing_output_is_never_clobbered(tmp_path):
     r = cli("quantize", "zoo:tiny-dit", "--out", out)
     assert r.exit_code != 0 and "--overwrite" in r.output
     assert (out / "keep.txt").read_text() == "mine"
-    r = cli("quantize", "zoo:tiny-dit", "--out", out, "--overwrite")
+    r = cli("quantize", "zoo:tiny-dit", "--out", out, "--overwrite")  # --overwrite never deletes foreign files
+    assert r.exit_code != 0 and "not one" in r.output
+    assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+    assert cli("quantize", "zoo:tiny-dit", "--out", out).exit_code == 0
+    r = cli("quantize", "zoo:tiny-dit", "--out", out, "--overwrite", "--wbits", "4")  # replaces its own checkpoint
     assert r.exit_code == 0, r.output
-    assert not (out / "keep.txt").exists() and (out / "quantization.json").exists()
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folders left
+    assert (out / "quantization.json").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folders or locks left

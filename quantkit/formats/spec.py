@@ -12,6 +12,18 @@ MXFP4_SCALE_MODES = ("ocp_floor", "ceil", "rceil", "duquantpp_log8")
 MX_BLOCK = 32
 
 
+def _check_types(spec: "FormatSpec") -> None:
+    """Types before values: YAML's "4" is a string and "no" a (truthy) string, never an int or a bool."""
+    for name, want, words in (("kind", str, "a string"), ("bits", int, "an integer"), ("symmetric", bool, "true or false"),
+                              ("granularity", str, "a string"), ("scale_mode", str, "a string")):
+        v = getattr(spec, name)
+        if not isinstance(v, want) or (want is int and isinstance(v, bool)):
+            raise QuantkitError(f"format field {name} must be {words}, got {v!r} ({type(v).__name__})")
+    gs = spec.group_size
+    if gs is not None and (not isinstance(gs, int) or isinstance(gs, bool)):
+        raise QuantkitError(f"format field group_size must be a positive integer, got {gs!r} ({type(gs).__name__})")
+
+
 @dataclass(frozen=True)
 class FormatSpec:
     """A numeric format.
@@ -29,6 +41,7 @@ class FormatSpec:
     scale_mode: str = "ocp_floor"
 
     def __post_init__(self) -> None:
+        _check_types(self)
         if self.kind not in FORMAT_KINDS:
             raise QuantkitError(f"unknown format {self.kind!r}; allowed: {', '.join(FORMAT_KINDS)}")
         if self.granularity not in GRANULARITIES:

@@ -67,6 +67,17 @@ class Method:
     def __init__(self, recipe: Recipe) -> None:
         self.recipe = recipe
         self.options = dict(recipe.method_options)
+        self.resumed_blocks: list[str] = []  # blocks reused from a killed run's progress folder
+        defaults = self.option_defaults()
+        if defaults is not None:
+            from quantkit.methods.options import check_options
+
+            check_options(self.name, self.options, defaults)
+
+    @classmethod
+    def option_defaults(cls) -> dict[str, Any] | None:
+        """The method_options this method knows, with their defaults (None: the method checks them)."""
+        return None
 
     def check_model(self, loaded: Any) -> None:
         """Raise QuantkitError before any work if this method cannot run on `loaded`."""

@@ -45,6 +45,10 @@ CHOICES = {"attention": ("log", "uniform", "none"), "log_delta": ("prompt", "cal
 
 @register("dgq")
 class DGQ(Method):
+    @classmethod
+    def option_defaults(cls) -> dict:
+        return DEFAULTS
+
     def __init__(self, recipe) -> None:
         super().__init__(recipe)
         unknown = set(self.options) - set(DEFAULTS)

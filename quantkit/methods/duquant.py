@@ -97,6 +97,10 @@ class DuQuant(Method):
 
     defaults = DEFAULTS
 
+    @classmethod
+    def option_defaults(cls) -> dict:
+        return cls.defaults
+
     def __init__(self, recipe) -> None:
         super().__init__(recipe)
         unknown = set(self.options) - set(self.defaults)

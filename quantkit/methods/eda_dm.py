@@ -31,6 +31,13 @@ class ReconMethod(Method):
 
     recon_defaults: dict[str, Any] = {}
 
+    @classmethod
+    def option_defaults(cls) -> dict[str, Any]:
+        from dataclasses import MISSING, fields
+
+        base = {f.name: f.default for f in fields(ReconConfig) if f.default is not MISSING}
+        return {**base, **SELECTION_OPTIONS, **cls.recon_defaults}
+
     def __init__(self, recipe) -> None:
         super().__init__(recipe)
         unknown = set(self.options) - set(ReconConfig.__dataclass_fields__) - set(SELECTION_OPTIONS)
@@ -63,7 +70,9 @@ class ReconMethod(Method):
         if store is not None:
             cached = store.load(ctx.name, fp, tasks)
             if cached is not None:
-                log.info("block %s: resumed from %s", ctx.name, ctx.work_dir)
+                # a warning, so it shows without -v: this block's result comes from an earlier (killed) run
+                log.warning("block %s: finished by an earlier run, reused from %s", ctx.name, ctx.work_dir)
+                self.resumed_blocks.append(ctx.name)
                 self.block_stats[ctx.name] = cached[1]
                 return cached[0]
         result = reconstruct_block(ctx.name, ctx.block, tasks, ctx.inputs, fp_calls, self.cfg, ctx.progress)

@@ -62,6 +62,10 @@ def apply_static_ranges(qmodule: nn.Module, observers: tuple[ActQuantizer, ...])
 
 @register("rtn")
 class RTN(Method):
+    @classmethod
+    def option_defaults(cls) -> dict:
+        return {}  # min-max scales: nothing to tune
+
     def quantize_block(self, ctx: BlockContext) -> dict[str, nn.Module]:
         tasks = [t for t in ctx.tasks if not t.plan.skip]
         observers = observe_ranges(ctx, tasks) if ctx.inputs is not None else {}

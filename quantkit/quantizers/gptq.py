@@ -79,6 +79,9 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: FormatSpec, blocksize:
     """GPTQ of w [N, K] (int channel/group or mxfp4) given the input Hessian h [K, K]."""
     if spec.kind not in ("int", "mxfp4") or spec.granularity == "tensor":
         return QuantizedWeight.quantize(w, spec)
+    from quantkit.numeric_guard import check_hessian_finite
+
+    check_hessian_finite(h)
     w_orig = w
     w = w.double().clone()
     n, k = w.shape

@@ -58,13 +58,13 @@ class BlockStore:
     def __init__(self, folder: Path) -> None:
         self.folder = Path(folder)
 
-    def _stem(self, block_name: str) -> Path:
-        return self.folder / (re.sub(r"[^A-Za-z0-9_.-]", "_", block_name) or "_root")
+    def _file(self, block_name: str, ext: str) -> Path:
+        # Plain concatenation, never Path.with_suffix: "mid_block.resnets.0" and ".1" would share a file.
+        return self.folder / ((re.sub(r"[^A-Za-z0-9_.-]", "_", block_name) or "_root") + ext)
 
     def load(self, block_name: str, fp: str, tasks: list[LayerTask]) -> tuple[dict[str, nn.Module], dict] | None:
         """The block's modules if it was finished by a run with the same fingerprint, else None."""
-        stem = self._stem(block_name)
-        meta_file, tensors = stem.with_suffix(".json"), stem.with_suffix(".safetensors")
+        meta_file, tensors = self._file(block_name, ".json"), self._file(block_name, ".safetensors")
         if not meta_file.is_file() or not tensors.is_file():
             return None
         try:
@@ -73,7 +73,7 @@ class BlockStore:
         except (OSError, ValueError, json.JSONDecodeError) as e:
             log.warning("ignoring unreadable progress of block %s: %s", block_name, e)
             return None
-        if meta.get("fingerprint") != fp:
+        if meta.get("fingerprint") != fp or meta.get("block") != block_name:
             log.info("progress of block %s is from a different run; recomputing", block_name)
             return None
         modules = {}
@@ -87,12 +87,11 @@ class BlockStore:
     def save(self, block_name: str, fp: str, modules: dict[str, nn.Module], stats: dict[str, Any]) -> None:
         """Atomically record a finished block (tensors first, then the JSON that marks it done)."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        stem = self._stem(block_name)
         state = {f"{name}.{k}": v.detach().cpu().contiguous() for name, m in modules.items()
                  for k, v in m.state_dict().items()}
-        tmp = stem.with_suffix(".safetensors.tmp")
+        tmp = self._file(block_name, ".safetensors.tmp")
         save_file(state, str(tmp))
-        os.replace(tmp, stem.with_suffix(".safetensors"))
-        tmp_json = stem.with_suffix(".json.tmp")
+        os.replace(tmp, self._file(block_name, ".safetensors"))
+        tmp_json = self._file(block_name, ".json.tmp")
         tmp_json.write_text(json.dumps({"block": block_name, "fingerprint": fp, "stats": stats}, indent=1))
-        os.replace(tmp_json, stem.with_suffix(".json"))
+        os.replace(tmp_json, self._file(block_name, ".json"))
