@@ -45,6 +45,8 @@ def check_inputs_finite(calls: list, where: str) -> None:
 def check_module_finite(name: str, module: nn.Module) -> None:
     """Every float tensor of a freshly quantized layer (scales, zeros, rotations, static ranges) is finite."""
     for tname, t in list(module.named_parameters()) + list(module.named_buffers()):
+        if tname.rpartition(".")[2].startswith("observed_"):
+            continue  # running min/max of an observer: starts at +-inf by design, never used as a scale
         what = _bad(t)
         if what:
             raise QuantkitError(f"layer {name}: quantization produced {what} in {tname}; its weights or calibration "

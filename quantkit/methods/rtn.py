@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from quantkit.errors import QuantkitError
 from quantkit.layers import LayerTask, build_quantized
 from quantkit.methods.base import BlockContext, Method, register
 from quantkit.nn import QuantExperts
@@ -73,6 +74,9 @@ class RTN(Method):
         for t in tasks:
             q = build_quantized(t)
             if t.name in observers:
-                apply_static_ranges(q, observers[t.name])
+                try:
+                    apply_static_ranges(q, observers[t.name])
+                except QuantkitError as e:
+                    raise QuantkitError(f"layer {t.name}: {e}") from None
             out[t.name] = q
         return out

@@ -49,8 +49,11 @@ class ActQuantizer(nn.Module):
 
     def finalize(self) -> None:
         """Turn the observed range into the stored scale (and zero)."""
-        if not torch.isfinite(self.observed_min):
+        if self.observed_min.item() == float("inf") and self.observed_max.item() == float("-inf"):
             raise QuantkitError("static activation quantizer saw no calibration data")
+        if not (torch.isfinite(self.observed_min) and torch.isfinite(self.observed_max)):
+            bad = "NaN" if torch.isnan(self.observed_min) or torch.isnan(self.observed_max) else "Inf"
+            raise QuantkitError(f"calibration inputs hold {bad}: no finite static activation range")
         rng = torch.stack([self.observed_min, self.observed_max])
         scale, zero = integer.int_qparams(rng.reshape(1, 2), self.spec)
         self.scale = scale.reshape(())
