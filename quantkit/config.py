@@ -65,6 +65,8 @@ class ActivationConfig:
     groups: int | None = None
 
     def __post_init__(self) -> None:
+        _typed(self.dynamic, bool, "activation.dynamic", "true or false")
+        _typed(self.groups, (int, type(None)), "activation.groups", "an integer")
         if not self.dynamic and (self.format.kind != "int" or self.format.granularity != "tensor"):
             raise QuantkitError("static activation ranges need format kind 'int' with granularity 'tensor'")
         if self.groups is not None and (self.dynamic or self.format.symmetric or not 1 <= self.groups <= 255):
@@ -167,6 +169,9 @@ class Recipe:
     group_fallback: str = "error"
 
     def __post_init__(self) -> None:
+        _typed(self.method, str, "method", "a string")
+        _typed(self.calib_size, int, "calib_size", "a positive integer")
+        _typed(self.seed, int, "seed", "an integer")
         if self.group_fallback not in ("error", "channel"):
             raise QuantkitError(f"unknown group_fallback {self.group_fallback!r}; allowed: error, channel")
         for r in self.skip_roles:

@@ -87,6 +87,11 @@ def zero_layer(sd: dict) -> None:
     sd[k] = torch.zeros_like(sd[k])
 
 
+def pipeline_unet_tensor_missing(tmp: Path) -> Path:
+    d = copy_zoo("tiny-sd", tmp / "sd")
+    return d if edit_weights(d / "unet", DIT_WEIGHTS, lambda sd: sd.pop("mid_block.resnets.1.conv2.weight")) else d
+
+
 def truncated_source(tmp: Path, keep: int) -> Path:
     d = copy_zoo("tiny-dit", tmp / "dit")
     f = d / DIT_WEIGHTS

@@ -148,6 +148,8 @@ CASES = [
     Case("tensor-unexpected", _dit(bi.add_tensor), ("extra_adapter.weight", "unexpected")),
     Case("tensor-wrong-shape", _dit(bi.reshape_tensor), ("attn1.to_k.weight", "shape")),
     Case("tensor-wrong-dtype", _dit(bi.int_tensor), ("attn1.to_k.weight", "dtype")),
+    Case("pipeline-component-tensor-missing", lambda tmp: q(bi.pipeline_unet_tensor_missing(tmp), tmp / "o"),
+         ("mid_block.resnets.1.conv2.weight", "missing")),
     Case("lm-tensor-wrong-shape", _mixtral(bi.reshape_tensor), ("self_attn.k_proj.weight", "shape")),
     Case("weight-nan", _dit(bi.nan_weight), ("attn1.to_k.weight", "NaN")),
     Case("weight-inf", _dit(bi.inf_weight), ("attn1.to_k.weight", "Inf")),
@@ -294,3 +296,21 @@ def test_bad_checkpoint(tmp_path: Path, dit_ckpt: Path, name: str, damage, expec
 def test_generate_zero_steps(tmp_path: Path) -> None:
     refused(cli("generate", "zoo:tiny-sd", "--steps", "0", "--out", tmp_path / "x.png"), None, "--steps", "at least 1")
     assert not (tmp_path / "x.png").exists()
+
+
+def test_library_warnings_are_not_muted() -> None:
+    """transformers' / diffusers' load reports and fallbacks are warnings: the CLI's set-up keeps them."""
+    import logging
+
+    from quantkit.cli import _setup_logging
+
+    _setup_logging(False)
+    for lib in ("transformers", "diffusers"):
+        assert logging.getLogger(lib).getEffectiveLevel() <= logging.WARNING, lib
+
+
+def test_group_fallback_is_announced(tmp_path: Path) -> None:
+    """rtn-w4a16-g128 on a model with layers 128 does not tile: the run header says which fell back."""
+    r = cli("quantize", "zoo:digits-dit", "--recipe", "rtn-w4a16-g128", "--out", tmp_path / "o")
+    assert r.exit_code == 0, r.output
+    assert "30 of 36 layers per channel: the group size does not divide" in " ".join(r.output.split())
