@@ -73,6 +73,9 @@ def pipeline_calls(loaded: Any, n: int, seed: int, steps: int = 10, prompts_file
     """Every denoiser call of the full-precision sampler on n prompts (or class labels)."""
     prompts = read_prompts(prompts_file)
     if len(prompts) < n:
+        if prompts_file is not None:  # a visible fallback: repeated prompts differ only in their noise
+            log.warning("calibration prompts file %s has %d prompts, fewer than calib_size %d: prompts are "
+                        "repeated (each with its own noise)", prompts_file, len(prompts), n)
         prompts = (prompts * (n // len(prompts) + 1))[:n]
     calls, handle = record_calls(loaded.root)
     try:

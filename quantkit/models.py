@@ -69,6 +69,8 @@ def folder_kind(path: Path) -> str:
             cfg = json.loads(cfg_file.read_text())
         except json.JSONDecodeError as e:
             raise QuantkitError(f"{cfg_file} is not valid JSON: {e}") from None
+        except OSError as e:
+            raise QuantkitError(f"cannot read {cfg_file}: {e.strerror or e}") from None
         if "_class_name" in cfg:
             return "diffusers-model"
         if "model_type" in cfg or "architectures" in cfg:

@@ -79,3 +79,16 @@ def test_degenerate_layer_gets_a_valid_result(tmp_path: Path) -> None:
     x = torch.randn(3, layer.in_features if hasattr(layer, "in_features") else 128)
     assert torch.equal(layer(x), layer.bias.expand(3, -1) if layer.bias is not None else torch.zeros(3, 128))
     assert json.loads((out / "quantization.json").read_text())["layers"][name]
+
+
+def test_fewer_prompts_than_calib_size_is_announced(tmp_path: Path, caplog) -> None:
+    """Documented safe result: prompts are repeated with their own noise, and a warning says so."""
+    import logging
+
+    from quantkit.calib.capture import pipeline_calls
+    from quantkit.models import load_model
+
+    prompts = bi.write(tmp_path / "p.txt", "a red bus\n")
+    caplog.set_level(logging.WARNING)
+    calls = pipeline_calls(load_model("zoo:tiny-sd"), 2, 0, steps=1, prompts_file=str(prompts))
+    assert calls and "has 1 prompts, fewer than calib_size 2" in caplog.text
