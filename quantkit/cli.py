@@ -407,3 +407,5 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+import quantkit.cli_export  # noqa: E402,F401  (registers `quantkit export` on app)
