@@ -36,3 +36,8 @@ def save(model, out, **kwargs):
 
 
 __all__ = ["load", "quantize", "save", "__version__"]
+
+# from_pretrained on quantkit checkpoints (quant_method "quantkit"); imports neither library by itself.
+from quantkit.registration import install as _install_registration  # noqa: E402
+
+_install_registration()

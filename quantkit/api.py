@@ -113,7 +113,25 @@ def quantize(model: Any, recipe: Any = "rtn-w8a8", calib: list[str] | Callable[[
             os.unlink(text_file)
     result.calibration.update(prov)
     setattr(loaded.obj, _STATE, (rec, result))
+    mark_quantized_config(loaded.root, result.layers, result.extras.get("attention", {}))
     return loaded.obj
+
+
+def mark_quantized_config(root: nn.Module, layers: dict[str, Any], attention: dict[str, Any]) -> None:
+    """Put quantkit's quantization_config on the quantized module's config, so that the library's own
+    save_pretrained writes a folder that reloads through quantkit's quantizer (never random weights)."""
+    from quantkit.io import quantization_config
+
+    qc = quantization_config(layers, attention)
+    if hasattr(root, "register_to_config"):  # diffusers ModelMixin
+        root.register_to_config(quantization_config=qc)
+    elif getattr(root, "config", None) is not None and hasattr(root, "save_pretrained"):  # transformers
+        from quantkit.hf_quantizers import attach_transformers_quantizer
+
+        attach_transformers_quantizer(root, qc)
+    else:
+        log.warning("%s has no config: its save_pretrained cannot record the quantization; use quantkit.save",
+                    type(root).__name__)
 
 
 def _write_source(obj: Any, component: str | None, folder: Path) -> None:
