@@ -59,6 +59,9 @@ def _finish(model: nn.Module, cfg: Any) -> None:
     if left:
         raise QuantkitError(f"quantized tensor {left[0]} was not in the checkpoint ({len(left)} missing)")
     install_step_clock(model)
+    from quantkit.nn import fill_dense
+
+    fill_dense(model)
     model.eval()
 
 

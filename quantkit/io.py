@@ -293,6 +293,9 @@ def load_quantized_root(ckpt: Path, meta: dict[str, Any], device: str = "cpu") -
         raise QuantkitError(f"{ckpt}: tensor {meta_left[0]} was not filled by the checkpoint")
     root = root.to(device).eval()
     install_step_clock(root)
+    from quantkit.nn import fill_dense
+
+    fill_dense(root)
     if "quantization_config" in _component_config(folder):  # format 2: save_pretrained must round-trip
         from quantkit.api import mark_quantized_config
 

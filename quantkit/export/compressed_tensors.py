@@ -200,7 +200,7 @@ def export(ckpt: str | Path, out: str | Path, overwrite: bool = False) -> dict[s
     """Write `out` (atomically): config.json with a compressed-tensors quantization_config, tokenizer files,
     model.safetensors. Returns a summary."""
     from quantkit.io import check_output_dir, load_quantized_root, read_quant_json
-    from quantkit.io import _replace_dir  # noqa: PLC2701  (shared atomic rename)
+    from quantkit.io import _is_weight_file, _replace_dir  # noqa: PLC2701  (shared helpers)
 
     ckpt, out = Path(ckpt), Path(out)
     meta = read_quant_json(ckpt)
@@ -216,7 +216,7 @@ def export(ckpt: str | Path, out: str | Path, overwrite: bool = False) -> dict[s
     try:
         tmp.mkdir(parents=True)
         for f in ckpt.iterdir():
-            if f.is_file() and not f.name.startswith("quantized") and f.name != "quantization.json":
+            if f.is_file() and not _is_weight_file(f.name) and f.name != "quantization.json":
                 shutil.copy2(f, tmp / f.name)
         cfg = json.loads((ckpt / "config.json").read_text())
         cfg["quantization_config"] = qconfig
