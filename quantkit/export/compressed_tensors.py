@@ -51,14 +51,22 @@ def _act_args(act: nn.Module | None, name: str, problems: dict[str, list[str]]) 
         return {"num_bits": s.bits, "type": "int", "symmetric": False, "strategy": "token", "dynamic": True}
     if act.dynamic and s.kind == "fp8" and s.granularity == "channel":
         return {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "token", "dynamic": True}
-    if act.dynamic and s.kind == "mxfp4" and s.scale_mode == "ocp_floor":
-        return {"num_bits": 4, "type": "float", "symmetric": True, "strategy": "group", "group_size": 32,
-                "dynamic": True, "scale_dtype": "torch.uint8", "zp_dtype": "torch.uint8"}
+    if s.kind == "mxfp4":
+        problems["MXFP4 activations: compressed-tensors rounds their block maxima to a power of two, quantkit "
+                 "floors them (OCP), so a runtime would quantize the inputs differently"].append(name)
+        return None
     if not act.dynamic and s.kind == "int" and s.symmetric and s.granularity == "tensor":
         return {"num_bits": s.bits, "type": "int", "symmetric": True, "strategy": "tensor", "dynamic": False}
     problems[f"activation format {s.short} ({'dynamic' if act.dynamic else 'static'}) has no compressed-tensors "
              "scheme with the same rounding"].append(name)
     return None
+
+
+def _pairs_with(spec: FormatSpec, act: dict) -> bool:
+    """Weight / activation pairs with a compressed-tensors scheme: W8A8 int8 (int-quantized), FP8 x FP8."""
+    if spec.kind == "int":
+        return spec.bits == 8 and spec.granularity != "group" and act["type"] == "int" and act["num_bits"] == 8
+    return spec.kind == "fp8" and act["type"] == "float" and act["num_bits"] == 8
 
 
 def _check(root: nn.Module, meta: dict[str, Any]) -> dict[str, dict]:
@@ -90,6 +98,9 @@ def _check(root: nn.Module, meta: dict[str, Any]) -> dict[str, dict]:
             act = acts[0]
         else:
             act = _act_args(m.act, name, problems)
+        if act is not None and not _pairs_with(spec, act):
+            problems[f"{spec.short} weights with {act['type']}{act['num_bits']} activations: no compressed-tensors "
+                     "scheme transformers or vLLM load (packed int weights are weight-only there)"].append(name)
         plans[name] = {"module": m, "spec": spec, "act": act}
     if problems:
         why, names = next(iter(problems.items()))

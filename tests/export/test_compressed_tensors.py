@@ -49,11 +49,17 @@ def _assert_experts_loaded(ref, hf) -> None:
     assert n > 0
 
 
+WEIGHT_ONLY = {"w4a16-g128": (("--recipe", "rtn-w4a16-g128"), "pack-quantized"),
+               "fp8-w8a16": (("--recipe", "rtn-w8a8", "--format", "fp8", "--abits", "16"), "float-quantized")}
+
+
+@pytest.mark.parametrize("scheme", sorted(WEIGHT_ONLY))
 @pytest.mark.parametrize("family", FAMILIES)
-def test_w4a16_g128_loads_in_plain_transformers(tmp_path, family):
-    ck = _quantize(tmp_path, family, "--recipe", "rtn-w4a16-g128")
+def test_weight_only_loads_in_plain_transformers(tmp_path, family, scheme):
+    flags, fmt = WEIGHT_ONLY[scheme]
+    ck = _quantize(tmp_path, family, *flags)
     summary = _export(ck, tmp_path / "ct")
-    assert summary["format"] == "pack-quantized" and summary["quantized_linears"] > 8
+    assert summary["format"] == fmt and summary["quantized_linears"] > 8
     cfg = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
     assert "lm_head" in cfg["ignore"]
     with warnings.catch_warnings():
@@ -125,6 +131,16 @@ def test_refuses_online_rotations(tmp_path):
     line = one_line_error(cli("export", ck, "--format", "compressed-tensors", "--out", tmp_path / "ct"))
     assert "online rotations" in line and "model.layers.0" in line
     assert not (tmp_path / "ct").exists()
+
+
+@pytest.mark.parametrize("flags,why", [
+    (("--recipe", "rtn-w4a8"), "int4-ch weights with int8 activations"),
+    (("--recipe", "mxfp4-w4a4"), "MXFP4 activations"),
+])
+def test_refuses_activation_schemes_without_a_runtime(tmp_path, flags, why):
+    ck = _quantize(tmp_path, "tiny-mixtral", *flags)
+    line = one_line_error(cli("export", ck, "--format", "compressed-tensors", "--out", tmp_path / "ct"))
+    assert why in line and "model.layers.0" in line
 
 
 def test_refuses_pipelines(tmp_path):
