@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from quantkit.cli_choices import DEVICES, METHOD_NAMES, ROUNDING_NAMES, WEIGHT_FORMATS, one_of, recipe_names
 from quantkit.errors import QuantkitError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -74,24 +75,25 @@ def _progress() -> Progress:
 def quantize(
     model: str = typer.Argument(DEFAULT_MODEL, help="Local diffusers/transformers folder or zoo:NAME."),
     out: Path = typer.Option(..., "--out", "-o", help="Output checkpoint folder."),
-    recipe: Optional[str] = typer.Option(None, help="Recipe YAML/JSON file or built-in name (e.g. rtn-w8a8)."),
-    method: Optional[str] = typer.Option(None, help="Method name (overrides the recipe), e.g. rtn."),
+    recipe: Optional[str] = typer.Option(None, help="Recipe YAML/JSON file or built-in name. Built in: "
+                                         + ", ".join(recipe_names()) + "."),
+    method: Optional[str] = typer.Option(None, help="Method (overrides the recipe). " + one_of(METHOD_NAMES)),
     wbits: Optional[int] = typer.Option(None, help="Weight bits (2-8 for int)."),
     abits: Optional[int] = typer.Option(None, help="Activation bits; 16 = weight-only."),
     group_size: Optional[int] = typer.Option(None, help="Weight group size along the input dim; 0 = per channel."),
-    format: Optional[str] = typer.Option(None, "--format", help="Weight format: int, mxfp4 or fp8."),
+    format: Optional[str] = typer.Option(None, "--format", help="Weight format. " + one_of(WEIGHT_FORMATS)),
     calib_size: Optional[int] = typer.Option(None, help="Calibration prompts / sequences."),
     calib_prompts: Optional[Path] = typer.Option(None, help="Text file, one calibration prompt a line."),
     calib_text: Optional[Path] = typer.Option(None, help="Plain-text calibration corpus for language models."),
     calib_steps: Optional[int] = typer.Option(None, help="Sampler steps recorded per calibration prompt "
                                               "(default: the method's; 10, dgq 25)."),
     calib: Optional[Path] = typer.Option(None, "--calib", help="Calibration file from `quantkit calib select`."),
-    rounding: Optional[str] = typer.Option(None, help="Learnable rounding of reconstruction methods: adaround or flexround."),
+    rounding: Optional[str] = typer.Option(None, help="Rounding of reconstruction methods. " + one_of(ROUNDING_NAMES)),
     weight_recon: Optional[bool] = typer.Option(None, "--weight-recon/--no-weight-recon",
                                                 help="DGQ: BRECQ/AdaRound weight reconstruction before activation statistics."),
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Reuse finished blocks of a killed run (.OUT.progress)."),
     seed: Optional[int] = typer.Option(None, help="Seed for calibration sampling."),
-    device: str = typer.Option("cpu", help="cpu or cuda."),
+    device: str = typer.Option("cpu", help=one_of(DEVICES)),
     overwrite: bool = typer.Option(False, help="Replace a non-empty output folder."),
     max_shard_mb: int = typer.Option(2048, help="Largest safetensors shard, in MiB."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
