@@ -14,7 +14,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from quantkit.cli_choices import DEVICES, METHOD_NAMES, ROUNDING_NAMES, WEIGHT_FORMATS, one_of, recipe_names
+from quantkit.cli_choices import (DEVICES, JSON_HELP, METHOD_NAMES, ROUNDING_NAMES, WEIGHT_FORMATS, emit_json, one_of,
+                                  recipe_names)
 from quantkit.errors import QuantkitError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -97,8 +98,11 @@ def quantize(
     overwrite: bool = typer.Option(False, help="Replace a non-empty output folder."),
     max_shard_mb: int = typer.Option(2048, help="Largest safetensors shard, in MiB."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
+    json_path: Optional[str] = typer.Option(None, "--json", metavar="PATH|-", help="Write a summary as JSON to PATH; "
+                                            "'-' writes it to stdout (the messages go to stderr)."),
 ) -> None:
     """Quantize MODEL by a recipe and write a packed safetensors checkpoint."""
+    say = err_console if json_path == "-" else console
     _setup_logging(verbose)
     with user_errors():
         from quantkit.config import Recipe, recipe_with_overrides
@@ -144,7 +148,7 @@ def quantize(
             read_text(calib_text)
         loaded = load_model(model, device)
         check_plan(loaded, rec)
-        console.print(f"quantizing [bold]{model}[/] ({type(loaded.root).__name__}, adapter {loaded.adapter.name}) "
+        say.print(f"quantizing [bold]{model}[/] ({type(loaded.root).__name__}, adapter {loaded.adapter.name}) "
                       f"with [bold]{rec.method}[/] w={rec.weight.short} "
                       f"a={'fp' if rec.activation is None else rec.activation.format.short}")
         with _progress() as bar:
@@ -160,12 +164,17 @@ def quantize(
             result.calibration.update(file=str(calib), selection=calib_prov)
         save_checkpoint(loaded, rec, result, out, overwrite=overwrite, max_shard_bytes=max_shard_mb * 1024**2)
         shutil.rmtree(work_dir, ignore_errors=True)
-        console.print(f"[green]wrote[/] {out}: {len(result.layers)} layers quantized, {len(result.skipped)} kept in "
+        say.print(f"[green]wrote[/] {out}: {len(result.layers)} layers quantized, {len(result.skipped)} kept in "
                       f"full precision, {result.seconds:.1f}s")
-        _print_expert_tokens(result.layers)
+        _print_expert_tokens(result.layers, say)
+        emit_json(json_path, {"out": str(out), "model": model, "class": type(loaded.root).__name__,
+                              "method": rec.method, "weight": rec.weight.short,
+                              "activation": None if rec.activation is None else rec.activation.format.short,
+                              "layers_quantized": len(result.layers), "kept_full_precision": len(result.skipped),
+                              "seconds": round(result.seconds, 3)})
 
 
-def _print_expert_tokens(layers: dict) -> None:
+def _print_expert_tokens(layers: dict, say: Console = console) -> None:
     """Per-expert calibration token counts of MoE layers (methods that record them, e.g. eaquant)."""
     rows = [(n, r["calibration"]) for n, r in layers.items() if "expert_tokens" in (r.get("calibration") or {})]
     if not rows:
@@ -177,13 +186,13 @@ def _print_expert_tokens(layers: dict) -> None:
         used = [f"{a}" if a == b else f"{a}->{b}" for a, b in zip(c["expert_tokens"], c["expert_tokens_used"])]
         table.add_row(name, str(c["token_target"]), " ".join(used), str(c["under_target"] or "-"),
                       str(c["layer_input_fallback"] or "-"))
-    console.print(table)
+    say.print(table)
 
 
 @app.command()
 def inspect(
     ckpt: Path = typer.Argument(..., help="A quantkit checkpoint folder."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    as_json: Optional[str] = typer.Option(None, "--json", metavar="PATH|-", help=JSON_HELP),
     all_layers: bool = typer.Option(False, "--all", help="Also list layers kept in full precision."),
 ) -> None:
     """Per-layer table (name, kind, format, bits, params, bytes) and totals of a checkpoint."""
@@ -192,8 +201,7 @@ def inspect(
         from quantkit.inspect_ckpt import inspect_checkpoint
 
         report = inspect_checkpoint(ckpt)
-        if as_json:
-            sys.stdout.write(json.dumps(report, indent=1) + "\n")
+        if emit_json(as_json, report):
             return
         table = Table(title=f"{ckpt} ({report['model']['class']})")
         for col in ("name", "kind", "role", "format", "bits", "params", "bytes", "bits/weight"):
@@ -255,7 +263,7 @@ def activations(
     calib_size: int = typer.Option(4, help="Calibration prompts / sequences."),
     calib_steps: int = typer.Option(5, help="Sampler steps per prompt (diffusion)."),
     seed: int = typer.Option(0),
-    as_json: Optional[Path] = typer.Option(None, "--json", help="Write the per-layer rows here."),
+    as_json: Optional[str] = typer.Option(None, "--json", metavar="PATH|-", help=JSON_HELP),
     top: int = typer.Option(15, help="Rows to show, most outlier-heavy first."),
 ) -> None:
     """Per-layer input statistics (max/median channel magnitude, kurtosis) on calibration data."""
@@ -267,8 +275,8 @@ def activations(
 
         loaded = load_model(model)
         rows = activation_stats(loaded, calibration_calls(loaded, calib_size, seed, calib_steps))
-        if as_json is not None:
-            as_json.write_text(json.dumps(rows, indent=1))
+        if emit_json(as_json, rows):
+            return
         table = Table(title=f"layer inputs of {model}")
         for col in ("layer", "role", "max", "max/median ch", "kurtosis"):
             table.add_column(col, justify="left" if col in ("layer", "role") else "right")
@@ -287,7 +295,7 @@ def eval_cmd(
     metrics: Optional[str] = typer.Option(None, help="Comma-separated metrics (default: all that apply)."),
     n: int = typer.Option(100, help="Images to sample (diffusion) or text windows (language models)."),
     seed: int = typer.Option(0),
-    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the JSON report here."),
+    json_path: Optional[str] = typer.Option(None, "--json", metavar="PATH|-", help=JSON_HELP),
     out: Optional[Path] = typer.Option(None, help="Folder for sample grids and plots."),
     compare: list[str] = typer.Option([], "--compare", help="More checkpoints to put in the same table (repeatable)."),
     reference: Optional[str] = typer.Option(None, help="Full-precision model to compare with (default: the source)."),
@@ -324,10 +332,8 @@ def eval_cmd(
                 report = evaluate(m, opts, progress)
                 rows.append(write_report(report, None, out / f"model{i}" if out and not compare else
                                          (out / Path(m).name if out else None)))
-        _render_eval(rows)
-        if json_path is not None:
-            json_path.parent.mkdir(parents=True, exist_ok=True)
-            json_path.write_text(json.dumps(rows[0] if not compare else {"rows": rows}, indent=1))
+        if not emit_json(json_path, rows[0] if not compare else {"rows": rows}):
+            _render_eval(rows)
         if compare and out is not None:
             from quantkit.eval.plots import metric_vs_bits_plot
 

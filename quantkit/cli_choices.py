@@ -21,3 +21,25 @@ def recipe_names() -> list[str]:
 
 def one_of(names: tuple[str, ...] | list[str]) -> str:
     return "One of: " + ", ".join(names) + "."
+
+
+JSON_HELP = "Write the result as JSON to PATH; '-' writes it to stdout (instead of the table)."
+
+
+def emit_json(target: str | None, data: object) -> bool:
+    """`--json PATH|-` on every command: write `data` to PATH, or to stdout for '-'.
+    Returns True when stdout got the JSON (the caller then prints nothing else there)."""
+    import json
+    import sys
+    from pathlib import Path
+
+    if target is None:
+        return False
+    text = json.dumps(data, indent=1)
+    if target == "-":
+        sys.stdout.write(text + "\n")
+        return True
+    p = Path(target)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(text)
+    return False

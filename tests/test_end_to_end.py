@@ -79,7 +79,7 @@ def test_inspect_json_moe_w4a16_g128(tmp_path):
     out = tmp_path / "moe"
     r = cli("quantize", "zoo:tiny-mixtral", "--out", out, "--recipe", "rtn-w4a16-g128")
     assert r.exit_code == 0, r.output
-    r = cli("inspect", out, "--json")
+    r = cli("inspect", out, "--json", "-")
     assert r.exit_code == 0, r.output
     report = json.loads(r.output)
     assert set(report) >= {"layers", "totals"}
