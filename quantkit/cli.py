@@ -315,6 +315,10 @@ def eval_cmd(
 
         if n < 1:
             raise QuantkitError(f"--n must be at least 1, got {n}")
+        if compare and out is not None:
+            from quantkit.eval.plots import require_matplotlib
+
+            require_matplotlib()
         for m in [model, *compare]:
             check_metrics(model_kind(m), [x.strip() for x in metrics.split(",")] if metrics else None)
         opts = EvalOptions(metrics=[m.strip() for m in metrics.split(",")] if metrics else None, n=n, seed=seed,
