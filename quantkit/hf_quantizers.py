@@ -34,6 +34,12 @@ def _prepare(model: nn.Module, cfg: Any) -> None:
     from quantkit.io import prepare_quantized_modules, sentinel_tensors
 
     prepare_quantized_modules(model, cfg.layers, cfg.attention or {}, f"{type(model).__name__}.from_pretrained")
+    from quantkit.layers import QUANT_MODULES
+
+    for m in model.modules():  # transformers must not run its weight init on them (e.g. a QuantRouter's
+        if isinstance(m, QUANT_MODULES):  # inner router has no weight): every tensor comes from the checkpoint
+            for sub in m.modules():
+                sub._is_hf_initialized = True
     if hasattr(model, "_keys_to_ignore_on_load_unexpected"):  # transformers: the zero-byte sentinels
         names = {rf"^{re.escape(k)}$" for k in sentinel_tensors(model)}
         model._keys_to_ignore_on_load_unexpected = set(model._keys_to_ignore_on_load_unexpected or ()) | names

@@ -34,10 +34,12 @@ def _latents(pipe, **kw):
     return torch.as_tensor(out)  # DiTPipeline returns numpy
 
 
-def test_moe_lm_with_rotations(tmp_path):
+@pytest.mark.parametrize("recipe", ["duquantpp-mxfp4", "eaquant-w4a4"])
+def test_moe_lm_with_rotations(tmp_path, recipe):
+    """Online rotations (DuQuant++), EAQuant's smoothing + quantized routers (QuantRouter)."""
     from transformers import AutoModelForCausalLM
 
-    ck = _ckpt(tmp_path, "zoo:tiny-mixtral", "--recipe", "duquantpp-mxfp4", "--calib-size", "2")
+    ck = _ckpt(tmp_path, "zoo:tiny-mixtral", "--recipe", recipe, "--calib-size", "2")
     ref = _logits(quantkit.load(ck))
     m = AutoModelForCausalLM.from_pretrained(ck)
     assert isinstance(m.model.layers[0].mlp.experts, QuantExperts)
