@@ -296,18 +296,12 @@ def load_quantized_root(ckpt: Path, meta: dict[str, Any], device: str = "cpu") -
     from quantkit.nn import fill_dense
 
     fill_dense(root)
-    if "quantization_config" in _component_config(folder):  # format 2: save_pretrained must round-trip
-        from quantkit.api import mark_quantized_config
+    # The library's own save_pretrained must write a folder that reloads the same (format 1 folders too:
+    # this is their migration path to format 2).
+    from quantkit.api import mark_quantized_config
 
-        mark_quantized_config(root, meta["layers"], meta.get("attention", {}))
+    mark_quantized_config(root, meta["layers"], meta.get("attention", {}))
     return root
-
-
-def _component_config(folder: Path) -> dict[str, Any]:
-    try:
-        return json.loads((folder / "config.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
 
 
 def load(path: str | Path, device: str = "cpu") -> Any:

@@ -107,12 +107,19 @@ def test_without_quantkit_from_pretrained_refuses(tmp_path):
     assert "Unknown quantization type, got quantkit" in r.stderr
 
 
-def test_format_version_1_checkpoint_still_loads():
-    """A checked-in version-1 checkpoint (quantized.safetensors, no quantization_config) loads unchanged."""
+def test_format_version_1_checkpoint_still_loads(tmp_path):
+    """A checked-in version-1 checkpoint (quantized.safetensors, no quantization_config) loads unchanged,
+    and its save_pretrained is a version-2 folder that plain from_pretrained reloads the same."""
     from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
 
     ck = DATA / "ckpt-v1-mixtral-w4"
     expected = load_file(DATA / "ckpt-v1-mixtral-w4.expected.safetensors")
     m = quantkit.load(ck)
     with torch.no_grad():
         assert torch.equal(m(expected["input_ids"]).logits, expected["logits"])
+    m.save_pretrained(tmp_path / "v2")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "v2")
+    assert isinstance(again.model.layers[0].mlp.experts, QuantExperts)
+    with torch.no_grad():
+        assert torch.equal(again(expected["input_ids"]).logits, expected["logits"])
