@@ -52,7 +52,6 @@ def attach_transformers_quantizer(model: nn.Module, qconfig: dict[str, Any]) -> 
     cfg = _CLASSES["config"](**qconfig)
     model.config.quantization_config = cfg
     model.hf_quantizer = _CLASSES["quantizer"](cfg, pre_quantized=True)
-    model.is_quantized = True
 
 
 def _finish(model: nn.Module, cfg: Any) -> None:

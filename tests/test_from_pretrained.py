@@ -107,6 +107,15 @@ def test_without_quantkit_from_pretrained_refuses(tmp_path):
     assert "Unknown quantization type, got quantkit" in r.stderr
 
 
+def test_without_quantkit_diffusers_refuses(tmp_path):
+    ck = _ckpt(tmp_path, "zoo:tiny-sd", "--recipe", "rtn-w8a8", "--calib-size", "2")
+    code = ("import sys\nfrom diffusers import DiffusionPipeline\n"
+            "try:\n    DiffusionPipeline.from_pretrained(sys.argv[1])\n"
+            "except ValueError as e:\n    print('refused', e)\n")
+    r = subprocess.run([sys.executable, "-c", code, str(ck)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert "refused Unknown quantization type, got quantkit" in r.stdout, r.stdout + r.stderr[-2000:]
+
+
 def test_format_version_1_checkpoint_still_loads(tmp_path):
     """A checked-in version-1 checkpoint (quantized.safetensors, no quantization_config) loads unchanged,
     and its save_pretrained is a version-2 folder that plain from_pretrained reloads the same."""
