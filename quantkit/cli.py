@@ -274,7 +274,10 @@ def activations(
         from quantkit.models import load_model
 
         loaded = load_model(model)
-        rows = activation_stats(loaded, calibration_calls(loaded, calib_size, seed, calib_steps))
+        calls = calibration_calls(loaded, calib_size, seed, calib_steps)
+        with _progress() as bar:
+            task = bar.add_task("layer inputs", total=len(calls))
+            rows = activation_stats(loaded, calls, lambda done, total: bar.update(task, completed=done))
         if emit_json(as_json, rows):
             return
         table = Table(title=f"layer inputs of {model}")
