@@ -84,13 +84,9 @@ def test_mxfp4_loads_in_transformers(tmp_path, family):
     torch.testing.assert_close(_logits(hf), _logits(ref), rtol=0, atol=2e-5)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_w8a8_int8_decompresses_exactly(tmp_path, family):
-    """W8A8 (int-quantized, dynamic per-token int8 inputs, as llm-compressor writes it for vLLM).
-    transformers 5.24 cannot load any compressed-tensors MoE checkpoint whose experts are not packed or
-    fp8 (its CompressedTensorsDequantize returns nothing for them: "Concatenate on tensors destined for
-    ...experts.gate_up_proj. Ckpt contains: 0"), so every weight is checked with compressed-tensors' own
-    decompressor against quantkit's dequantized codes, bit for bit."""
+def _check_with_ct_decompressor(ck, ct, fmt: str) -> dict:
+    """Every exported weight, decompressed by compressed-tensors' own `fmt` compressor, equals quantkit's
+    dequantized codes bit for bit. Returns the export's single config group."""
     from compressed_tensors.compressors import BaseCompressor
     from compressed_tensors.quantization import QuantizationScheme
     from safetensors.torch import load_file
@@ -98,16 +94,13 @@ def test_w8a8_int8_decompresses_exactly(tmp_path, family):
     from quantkit.export.hub_names import hub_slices
     from quantkit.nn import QuantExperts, QuantLinear
 
-    ck = _quantize(tmp_path, family, "--recipe", "rtn-w8a8")
-    summary = _export(ck, tmp_path / "ct")
-    assert summary["format"] == "int-quantized"
     ref = quantkit.load(ck)
-    state = load_file(tmp_path / "ct" / "model.safetensors")
-    group = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]["config_groups"]["group_0"]
-    assert group["input_activations"] == {"num_bits": 8, "type": "int", "symmetric": False, "strategy": "token",
-                                          "dynamic": True}
+    state = load_file(ct / "model.safetensors")
+    qc = json.loads((ct / "config.json").read_text())["quantization_config"]
+    assert qc["format"] == fmt and len(qc["config_groups"]) == 1
+    group = qc["config_groups"]["group_0"]
     scheme = QuantizationScheme(**group)
-    comp = BaseCompressor.get_value_from_registry("int-quantized")
+    comp = BaseCompressor.get_value_from_registry(fmt)
     shapes, dense = {}, {}
     for n, m in ref.named_modules():
         if isinstance(m, QuantExperts):
@@ -120,17 +113,38 @@ def test_w8a8_int8_decompresses_exactly(tmp_path, family):
         for p in parts:
             mod = p.hub_name.rsplit(".", 1)[0]
             local = {k[len(mod) + 1:]: v for k, v in state.items() if k.startswith(mod + ".")}
-            assert local["weight"].dtype == torch.int8
             assert torch.equal(comp.decompress(local, scheme)["weight"].float(), dense[src][p.rows]), mod
             checked += 1
-    assert checked == summary["quantized_linears"]
+    assert checked == qc["quantkit"]["quantized_linears"] > 8
+    return group
 
 
-def test_refuses_online_rotations(tmp_path):
-    ck = _quantize(tmp_path, "tiny-mixtral", "--recipe", "duquantpp-mxfp4", "--calib-size", "2")
-    line = one_line_error(cli("export", ck, "--format", "compressed-tensors", "--out", tmp_path / "ct"))
-    assert "online rotations" in line and "model.layers.0" in line
-    assert not (tmp_path / "ct").exists()
+@pytest.mark.parametrize("family", FAMILIES)
+def test_w8a8_int8_decompresses_exactly(tmp_path, family):
+    """W8A8 (int-quantized, dynamic per-token int8 inputs, as llm-compressor writes it for vLLM).
+    transformers 5.24 cannot load any compressed-tensors MoE checkpoint whose experts are not packed or
+    fp8 (its CompressedTensorsDequantize returns nothing for them: "Concatenate on tensors destined for
+    ...experts.gate_up_proj. Ckpt contains: 0"), so every weight is checked with compressed-tensors' own
+    decompressor against quantkit's dequantized codes, bit for bit."""
+    ck = _quantize(tmp_path, family, "--recipe", "rtn-w8a8")
+    _export(ck, tmp_path / "ct")
+    group = _check_with_ct_decompressor(ck, tmp_path / "ct", "int-quantized")
+    assert group["input_activations"] == {"num_bits": 8, "type": "int", "symmetric": False, "strategy": "token",
+                                          "dynamic": True}
+
+
+@pytest.mark.parametrize("family", ["tiny-mixtral", "tiny-deepseek"])
+def test_asymmetric_3bit_group_decompresses_exactly(tmp_path, family):
+    """Asymmetric int3 g64 (zero points packed along N). transformers 5.24's expert decompressor drops
+    zero points ("Asymmetric quant requires zero-point values"), so this too is checked with
+    compressed-tensors' own decompressor."""
+    recipe = tmp_path / "asym3.json"
+    recipe.write_text(json.dumps({"method": "rtn", "weight": {"kind": "int", "bits": 3, "symmetric": False,
+                                                              "granularity": "group", "group_size": 64}}))
+    ck = _quantize(tmp_path, family, "--recipe", recipe)
+    _export(ck, tmp_path / "ct")
+    group = _check_with_ct_decompressor(ck, tmp_path / "ct", "pack-quantized")
+    assert group["weights"]["symmetric"] is False and group["weights"]["group_size"] == 64
 
 
 @pytest.mark.parametrize("flags,why", [
