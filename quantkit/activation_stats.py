@@ -2,7 +2,7 @@
 inputs are (max / median channel magnitude, kurtosis), the regime that decides what PTQ can do."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -21,8 +21,9 @@ def _stats(x: torch.Tensor, channel_dim: int) -> dict[str, float]:
 
 
 @torch.no_grad()
-def activation_stats(loaded: Any, calls: list) -> list[dict[str, Any]]:
-    """Per quantizable layer: statistics of its input, pooled over the calibration calls."""
+def activation_stats(loaded: Any, calls: list, progress: Callable[[int, int], None] | None = None) -> list[dict[str, Any]]:
+    """Per quantizable layer: statistics of its input, pooled over the calibration calls.
+    `progress(done, total)` is called after each calibration call."""
     inputs: dict[str, list[torch.Tensor]] = {}
     handles = []
     for name, m in loaded.root.named_modules():
@@ -37,8 +38,10 @@ def activation_stats(loaded: Any, calls: list) -> list[dict[str, Any]]:
 
             handles.append(m.register_forward_pre_hook(hook, with_kwargs=True))
     try:
-        for c in calls:
+        for i, c in enumerate(calls):
             loaded.root(*c.args, **c.kwargs)
+            if progress:
+                progress(i + 1, len(calls))
     finally:
         for h in handles:
             h.remove()

@@ -14,6 +14,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from quantkit.cli_choices import (DEVICES, JSON_HELP, METHOD_NAMES, ROUNDING_NAMES, WEIGHT_FORMATS, emit_json, one_of,
+                                  recipe_names)
 from quantkit.errors import QuantkitError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -85,30 +87,34 @@ def _progress() -> Progress:
 def quantize(
     model: str = typer.Argument(DEFAULT_MODEL, help="Local diffusers/transformers folder or zoo:NAME."),
     out: Path = typer.Option(..., "--out", "-o", help="Output checkpoint folder."),
-    recipe: Optional[str] = typer.Option(None, help="Recipe YAML/JSON file or built-in name (e.g. rtn-w8a8)."),
-    method: Optional[str] = typer.Option(None, help="Method name (overrides the recipe), e.g. rtn."),
+    recipe: Optional[str] = typer.Option(None, help="Recipe YAML/JSON file or built-in name. Built in: "
+                                         + ", ".join(recipe_names()) + "."),
+    method: Optional[str] = typer.Option(None, help="Method (overrides the recipe). " + one_of(METHOD_NAMES)),
     wbits: Optional[int] = typer.Option(None, help="Weight bits (2-8 for int)."),
     abits: Optional[int] = typer.Option(None, help="Activation bits; 16 = weight-only."),
     group_size: Optional[str] = typer.Option(None, help="Weight group size along the input dim (a positive integer "
                                              "dividing it, e.g. 128), or 'channel' for one scale per output channel."),
-    format: Optional[str] = typer.Option(None, "--format", help="Weight format: int, mxfp4 or fp8."),
+    format: Optional[str] = typer.Option(None, "--format", help="Weight format. " + one_of(WEIGHT_FORMATS)),
     calib_size: Optional[int] = typer.Option(None, help="Calibration prompts / sequences."),
     calib_prompts: Optional[Path] = typer.Option(None, help="Text file, one calibration prompt a line."),
     calib_text: Optional[Path] = typer.Option(None, help="Plain-text calibration corpus for language models."),
     calib_steps: Optional[int] = typer.Option(None, help="Sampler steps recorded per calibration prompt "
                                               "(default: the method's; 10, dgq 25)."),
     calib: Optional[Path] = typer.Option(None, "--calib", help="Calibration file from `quantkit calib select`."),
-    rounding: Optional[str] = typer.Option(None, help="Learnable rounding of reconstruction methods: adaround or flexround."),
+    rounding: Optional[str] = typer.Option(None, help="Rounding of reconstruction methods. " + one_of(ROUNDING_NAMES)),
     weight_recon: Optional[bool] = typer.Option(None, "--weight-recon/--no-weight-recon",
                                                 help="DGQ: BRECQ/AdaRound weight reconstruction before activation statistics."),
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Reuse finished blocks of a killed run (.OUT.progress)."),
     seed: Optional[int] = typer.Option(None, help="Seed for calibration sampling."),
-    device: str = typer.Option("cpu", help="cpu or cuda."),
+    device: str = typer.Option("cpu", help=one_of(DEVICES)),
     overwrite: bool = typer.Option(False, help="Replace a non-empty output folder."),
     max_shard_mb: int = typer.Option(2048, help="Largest safetensors shard, in MiB."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
+    json_path: Optional[str] = typer.Option(None, "--json", metavar="PATH|-", help="Write a summary as JSON to PATH; "
+                                            "'-' writes it to stdout (the messages go to stderr)."),
 ) -> None:
     """Quantize MODEL by a recipe and write a packed safetensors checkpoint."""
+    say = err_console if json_path == "-" else console
     _setup_logging(verbose)
     with user_errors():
         from quantkit.config import Recipe, recipe_with_overrides
@@ -141,12 +147,12 @@ def quantize(
             rec = rec.replace(method_options={**rec.method_options, "weight_recon": weight_recon})
         with output_lock(out):
             _quantize_locked(model, out, rec, calib, calib_prompts, calib_text, calib_steps, resume, device,
-                             overwrite, max_shard_mb)
+                             overwrite, max_shard_mb, say, json_path)
 
 
 def _quantize_locked(model: str, out: Path, rec, calib: Optional[Path], calib_prompts: Optional[Path],
                      calib_text: Optional[Path], calib_steps: Optional[int], resume: bool, device: str,
-                     overwrite: bool, max_shard_mb: int) -> None:
+                     overwrite: bool, max_shard_mb: int, say: Console, json_path: Optional[str]) -> None:
     """The quantize command once its flags are checked and the output is locked."""
     import shutil
 
@@ -178,7 +184,7 @@ def _quantize_locked(model: str, out: Path, rec, calib: Optional[Path], calib_pr
                 calib_steps=calib_steps)
     if calls is not None:
         check_calls_fit(loaded, calls, calib)
-    console.print(f"quantizing [bold]{model}[/] ({type(loaded.root).__name__}, adapter {loaded.adapter.name}) "
+    say.print(f"quantizing [bold]{model}[/] ({type(loaded.root).__name__}, adapter {loaded.adapter.name}) "
                   f"with [bold]{rec.method}[/] w={rec.weight.short}{group_fallback_note(rec, tasks)} "
                   f"a={'fp' if rec.activation is None else rec.activation.format.short}", highlight=False)
     with _progress() as bar:
@@ -196,13 +202,18 @@ def _quantize_locked(model: str, out: Path, rec, calib: Optional[Path], calib_pr
                     source=loaded.path)
     shutil.rmtree(work_dir, ignore_errors=True)
     resumed = result.calibration.get("resumed_blocks")
-    console.print(f"[green]wrote[/] {out}: {len(result.layers)} layers quantized, {len(result.skipped)} kept in "
+    say.print(f"[green]wrote[/] {out}: {len(result.layers)} layers quantized, {len(result.skipped)} kept in "
                   f"full precision, {result.seconds:.1f}s" + (f" ({resumed} blocks reused from a killed run)"
                                                               if resumed else ""))
-    _print_expert_tokens(result.layers)
+    _print_expert_tokens(result.layers, say)
+    emit_json(json_path, {"out": str(out), "model": model, "class": type(loaded.root).__name__,
+                          "method": rec.method, "weight": rec.weight.short,
+                          "activation": None if rec.activation is None else rec.activation.format.short,
+                          "layers_quantized": len(result.layers), "kept_full_precision": len(result.skipped),
+                          "resumed_blocks": resumed or 0, "seconds": round(result.seconds, 3)})
 
 
-def _print_expert_tokens(layers: dict) -> None:
+def _print_expert_tokens(layers: dict, say: Console = console) -> None:
     """Per-expert calibration token counts of MoE layers (methods that record them, e.g. eaquant)."""
     rows = [(n, r["calibration"]) for n, r in layers.items() if "expert_tokens" in (r.get("calibration") or {})]
     if not rows:
@@ -214,13 +225,13 @@ def _print_expert_tokens(layers: dict) -> None:
         used = [f"{a}" if a == b else f"{a}->{b}" for a, b in zip(c["expert_tokens"], c["expert_tokens_used"])]
         table.add_row(name, str(c["token_target"]), " ".join(used), str(c["under_target"] or "-"),
                       str(c["layer_input_fallback"] or "-"))
-    console.print(table)
+    say.print(table)
 
 
 @app.command()
 def inspect(
     ckpt: Path = typer.Argument(..., help="A quantkit checkpoint folder."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    as_json: Optional[str] = typer.Option(None, "--json", metavar="PATH|-", help=JSON_HELP),
     all_layers: bool = typer.Option(False, "--all", help="Also list layers kept in full precision."),
 ) -> None:
     """Per-layer table (name, kind, format, bits, params, bytes) and totals of a checkpoint."""
@@ -229,8 +240,7 @@ def inspect(
         from quantkit.inspect_ckpt import inspect_checkpoint
 
         report = inspect_checkpoint(ckpt)
-        if as_json:
-            sys.stdout.write(json.dumps(report, indent=1) + "\n")
+        if emit_json(as_json, report):
             return
         table = Table(title=f"{ckpt} ({report['model']['class']})")
         for col in ("name", "kind", "role", "format", "bits", "params", "bytes", "bits/weight"):
@@ -296,7 +306,7 @@ def activations(
     calib_size: int = typer.Option(4, help="Calibration prompts / sequences."),
     calib_steps: int = typer.Option(5, help="Sampler steps per prompt (diffusion)."),
     seed: int = typer.Option(0),
-    as_json: Optional[Path] = typer.Option(None, "--json", help="Write the per-layer rows here."),
+    as_json: Optional[str] = typer.Option(None, "--json", metavar="PATH|-", help=JSON_HELP),
     top: int = typer.Option(15, help="Rows to show, most outlier-heavy first."),
 ) -> None:
     """Per-layer input statistics (max/median channel magnitude, kurtosis) on calibration data."""
@@ -307,9 +317,12 @@ def activations(
         from quantkit.models import load_model
 
         loaded = load_model(model)
-        rows = activation_stats(loaded, calibration_calls(loaded, calib_size, seed, calib_steps))
-        if as_json is not None:
-            as_json.write_text(json.dumps(rows, indent=1))
+        calls = calibration_calls(loaded, calib_size, seed, calib_steps)
+        with _progress() as bar:
+            task = bar.add_task("layer inputs", total=len(calls))
+            rows = activation_stats(loaded, calls, lambda done, total: bar.update(task, completed=done))
+        if emit_json(as_json, rows):
+            return
         table = Table(title=f"layer inputs of {model}")
         for col in ("layer", "role", "max", "max/median ch", "kurtosis"):
             table.add_column(col, justify="left" if col in ("layer", "role") else "right")
@@ -328,7 +341,7 @@ def eval_cmd(
     metrics: Optional[str] = typer.Option(None, help="Comma-separated metrics (default: all that apply)."),
     n: int = typer.Option(100, help="Images to sample (diffusion) or text windows (language models)."),
     seed: int = typer.Option(0),
-    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the JSON report here."),
+    json_path: Optional[str] = typer.Option(None, "--json", metavar="PATH|-", help=JSON_HELP),
     out: Optional[Path] = typer.Option(None, help="Folder for sample grids and plots."),
     compare: list[str] = typer.Option([], "--compare", help="More checkpoints to put in the same table (repeatable)."),
     reference: Optional[str] = typer.Option(None, help="Full-precision model to compare with (default: the source)."),
@@ -348,6 +361,10 @@ def eval_cmd(
 
         if n < 1:
             raise QuantkitError(f"--n must be at least 1, got {n}")
+        if compare and out is not None:
+            from quantkit.eval.plots import require_matplotlib
+
+            require_matplotlib()
         for m in [model, *compare]:
             check_metrics(model_kind(m), [x.strip() for x in metrics.split(",")] if metrics else None)
         opts = EvalOptions(metrics=[m.strip() for m in metrics.split(",")] if metrics else None, n=n, seed=seed,
@@ -365,10 +382,8 @@ def eval_cmd(
                 report = evaluate(m, opts, progress)
                 rows.append(write_report(report, None, out / f"model{i}" if out and not compare else
                                          (out / Path(m).name if out else None)))
-        _render_eval(rows)
-        if json_path is not None:
-            json_path.parent.mkdir(parents=True, exist_ok=True)
-            json_path.write_text(json.dumps(rows[0] if not compare else {"rows": rows}, indent=1))
+        if not emit_json(json_path, rows[0] if not compare else {"rows": rows}):
+            _render_eval(rows)
         if compare and out is not None:
             from quantkit.eval.plots import metric_vs_bits_plot
 
@@ -450,3 +465,5 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+import quantkit.cli_export  # noqa: E402,F401  (registers `quantkit export` on app)

@@ -3,9 +3,12 @@
 Layout (see docs/checkpoint-format.md):
   OUT/                      the source folder's own config / tokenizer / scheduler files
   OUT/quantization.json     format version, quantkit version, recipe, per-layer specs, calibration
-  OUT/[component/]quantized.safetensors   (or quantized-0000i-of-0000n.safetensors + index)
-The quantized weights are named quantized*.safetensors so that a plain from_pretrained refuses the
-folder instead of silently loading random weights.
+  OUT/[component/]model.safetensors (transformers) or diffusion_pytorch_model.safetensors (diffusers),
+                            or the library's usual shards + index
+  OUT/[component/]config.json carries `quantization_config: {"quant_method": "quantkit", ...}`, so a
+                            plain from_pretrained either loads through quantkit's registered quantizer
+                            (after `import quantkit`) or refuses the unknown quant_method; never random weights.
+Format version 1 (quantized*.safetensors, no quantization_config) still loads with quantkit.load.
 """
 from __future__ import annotations
 
@@ -31,10 +34,12 @@ from quantkit.quantizers.step_clock import install_step_clock
 log = logging.getLogger(__name__)
 
 FORMAT_NAME = "quantkit-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 QUANT_JSON = "quantization.json"
-WEIGHTS_NAME = "quantized.safetensors"
-INDEX_NAME = "quantized.safetensors.index.json"
+QUANT_METHOD = "quantkit"  # quantization_config.quant_method, registered with transformers and diffusers
+# Weight file stems the libraries' own from_pretrained looks for (format version 2 on).
+WEIGHT_STEMS = {"transformers-model": "model", "diffusers-model": "diffusion_pytorch_model",
+                "pipeline": "diffusion_pytorch_model"}
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5")
 
@@ -62,20 +67,22 @@ def _copy_source(src: Path, dst: Path, weights_dir: str | None) -> None:
 
 
 def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors sharing storage (tied weights) are stored once; `tied` maps alias -> stored name."""
+    """Tensors sharing storage (tied weights): `tied` maps alias -> first name. Both are stored (the alias
+    as a copy): transformers / diffusers from_pretrained must find every tensor it expects."""
     seen: dict[tuple, str] = {}
     out, tied = {}, {}
     for k, v in state.items():
         key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), v.dtype)
         if v.numel() and key in seen:
             tied[k] = seen[key]
+            out[k] = v.detach().clone().cpu()
             continue
         seen[key] = k
         out[k] = v.detach().contiguous().cpu()
     return out, tied
 
 
-def _write_shards(state: dict[str, torch.Tensor], folder: Path, max_shard_bytes: int) -> list[str]:
+def _write_shards(state: dict[str, torch.Tensor], folder: Path, max_shard_bytes: int, stem: str) -> list[str]:
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for k, v in state.items():
@@ -86,15 +93,15 @@ def _write_shards(state: dict[str, torch.Tensor], folder: Path, max_shard_bytes:
         shards[-1][k] = v
         size += nbytes
     if len(shards) == 1:
-        save_file(shards[0], str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
-        return [WEIGHTS_NAME]
-    names = [f"quantized-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        save_file(shards[0], str(folder / f"{stem}.safetensors"), metadata={"format": "pt"})
+        return [f"{stem}.safetensors"]
+    names = [f"{stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     weight_map = {}
     for name, shard in zip(names, shards):
         save_file(shard, str(folder / name), metadata={"format": "pt"})
         weight_map.update({k: name for k in shard})
     total = sum(v.numel() * v.element_size() for v in state.values())
-    (folder / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+    (folder / f"{stem}.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
     return names
 
 
@@ -116,11 +123,15 @@ def save_checkpoint(loaded: LoadedModel, recipe: Recipe, result: Any, out: str |
             tmp.mkdir(parents=True)
         wdir = tmp / loaded.component if loaded.component else tmp
         wdir.mkdir(parents=True, exist_ok=True)
+        kind = folder_kind(loaded.path) if loaded.path else "model"
         state, tied = _dedupe(loaded.root.state_dict())
-        files = _write_shards(state, wdir, max_shard_bytes)
+        if kind == "transformers-model":
+            state.update(sentinel_tensors(loaded.root))
+        files = _write_shards(state, wdir, max_shard_bytes, WEIGHT_STEMS.get(kind, "model"))
+        write_quantization_config(wdir, quantization_config(result.layers, result.extras.get("attention", {})))
         meta = {
             "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "quantkit_version": quantkit.__version__,
-            "model": {"source": loaded.source, "kind": folder_kind(loaded.path) if loaded.path else "model",
+            "model": {"source": loaded.source, "kind": kind,
                       "class": type(loaded.root).__name__, "component": loaded.component,
                       "adapter": loaded.adapter.name},
             "recipe": recipe.to_dict(), "layers": result.layers, "skipped": result.skipped,
@@ -156,6 +167,46 @@ def library_versions() -> dict[str, str]:
         except PackageNotFoundError:
             pass
     return out
+
+
+def quantization_config(layers: dict[str, Any], attention: dict[str, Any]) -> dict[str, Any]:
+    """The `quantization_config` of the quantized component's config.json: what quantkit's transformers /
+    diffusers quantizers need to build the empty quantized modules before the weights are loaded."""
+    import quantkit
+
+    return {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, "quantkit_version": quantkit.__version__,
+            "layers": layers, "attention": attention}
+
+
+def sentinel_tensors(root: nn.Module) -> dict[str, torch.Tensor]:
+    """Zero-byte stand-ins under each quantized layer's original weight names, shaped like that weight with
+    its last dimension 0. transformers skips a quant_method it does not know (a warning) and would load the
+    folder with random weights; these names make it fail on a size mismatch instead. quantkit's quantizer
+    ignores them, and transformers' own hub-name conversion can split / merge them like real weights."""
+    from quantkit.layers import QUANT_MODULES
+    from quantkit.nn import QuantConv2d, QuantExperts
+
+    out = {}
+    for name, m in root.named_modules():
+        if not isinstance(m, QUANT_MODULES):
+            continue
+        if isinstance(m, QuantExperts):
+            out[f"{name}.gate_up_proj"] = torch.zeros(*m.gate_up_shape[:-1], 0)
+            out[f"{name}.down_proj"] = torch.zeros(*m.down_shape[:-1], 0)
+        elif isinstance(m, QuantConv2d):
+            out[f"{name}.weight"] = torch.zeros(*m.weight_shape[:-1], 0)
+        else:
+            out[f"{name}.weight"] = torch.zeros(m.out_features, 0)
+    return out
+
+
+def write_quantization_config(folder: Path, qconfig: dict[str, Any]) -> None:
+    p = folder / "config.json"
+    if not p.is_file():
+        raise QuantkitError(f"{folder} has no config.json to carry the quantization_config")
+    cfg = json.loads(p.read_text())
+    cfg["quantization_config"] = qconfig
+    p.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
 def _replace_dir(tmp: Path, out: Path) -> None:
@@ -229,27 +280,36 @@ def _empty_root(folder: Path, kind: str) -> nn.Module:
         return cls.from_config(cfg) if hasattr(cls, "from_config") else cls._from_config(cfg)
 
 
-def load_quantized_root(ckpt: Path, meta: dict[str, Any], device: str = "cpu") -> nn.Module:
-    comp = meta["model"]["component"]
-    folder = ckpt / comp if comp else ckpt
-    root = _empty_root(folder, meta["model"]["kind"])
-    for name, rec in meta["layers"].items():
+def prepare_quantized_modules(root: nn.Module, layers: dict[str, Any], attention: dict[str, Any], where: Any) -> None:
+    """Replace each recorded layer by an empty quantized module of the same geometry and install the
+    recorded attention processors (before the checkpoint's tensors are assigned)."""
+    for name, rec in layers.items():
         try:
             orig = root.get_submodule(name)
         except AttributeError:
-            raise QuantkitError(f"{ckpt}: layer {name} of quantization.json is not in the model") from None
+            raise QuantkitError(f"{where}: quantized layer {name} is not in the model") from None
         act = ActivationConfig.from_dict(rec["activation"])
         set_submodule(root, name, empty_quantized(orig, rec["kind"], FormatSpec.from_dict(rec["weight"]), act, rec))
-    for name, rec in meta.get("attention", {}).items():
+    for name, rec in attention.items():
         from quantkit.adapters.diffusers_attention import install_processor
 
         try:
             install_processor(root.get_submodule(name), rec)
         except AttributeError:
-            raise QuantkitError(f"{ckpt}: attention {name} of quantization.json is not in the model") from None
+            raise QuantkitError(f"{where}: attention {name} is not in the model") from None
+
+
+def load_quantized_root(ckpt: Path, meta: dict[str, Any], device: str = "cpu") -> nn.Module:
+    comp = meta["model"]["component"]
+    folder = ckpt / comp if comp else ckpt
+    root = _empty_root(folder, meta["model"]["kind"])
+    prepare_quantized_modules(root, meta["layers"], meta.get("attention", {}), ckpt)
     state = read_state(folder, meta["weights"]["files"], device)
     for alias, src in meta["weights"].get("tied", {}).items():
         state[alias] = state[src]
+    for k in sentinel_tensors(root):
+        if k in state and state[k].numel() == 0:
+            del state[k]
     try:
         result = root.load_state_dict(state, strict=False, assign=True)
     except RuntimeError as e:  # torch lists every size mismatch; name the first one
@@ -269,6 +329,14 @@ def load_quantized_root(ckpt: Path, meta: dict[str, Any], device: str = "cpu") -
         raise QuantkitError(f"{ckpt}: tensor {meta_left[0]} was not filled by the checkpoint")
     root = root.to(device).eval()
     install_step_clock(root)
+    from quantkit.nn import fill_dense
+
+    fill_dense(root)
+    # The library's own save_pretrained must write a folder that reloads the same (format 1 folders too:
+    # this is their migration path to format 2).
+    from quantkit.api import mark_quantized_config
+
+    mark_quantized_config(root, meta["layers"], meta.get("attention", {}))
     return root
 
 

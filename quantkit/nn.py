@@ -35,6 +35,7 @@ def _empty_qweight_buffers(module: nn.Module, shape: tuple[int, ...], spec: Form
 
 
 def _assign(module: nn.Module, qw: QuantizedWeight, prefix: str = "") -> None:
+    module._buffers.pop(prefix + "dense", None)  # new codes: a dense copy filled at load is stale
     setattr(module, prefix + "qweight", qw.packed)
     setattr(module, prefix + "scale", qw.scale)
     if qw.zero is not None:
@@ -46,7 +47,34 @@ def _view(module: nn.Module, shape: tuple[int, ...], spec: FormatSpec, prefix: s
     if module.cache_dequantized:
         cache = module.__dict__.setdefault("_dequant_cache", {}).setdefault(prefix, {})
     return QuantizedWeight(getattr(module, prefix + "qweight"), getattr(module, prefix + "scale"),
-                           getattr(module, prefix + "zero"), shape, spec, cache)
+                           getattr(module, prefix + "zero"), shape, spec, cache, module._buffers.get(prefix + "dense"))
+
+
+def fill_dense(root: nn.Module) -> int:
+    """Store each CPU quantized module's dequantized weight (fp32) as a non-persistent buffer `dense` /
+    `gate_up_dense` / `down_dense`, once, when a checkpoint is loaded: the reference path then reads it with
+    no per-call cache check (torch.compile-friendly). Never saved; dropped when the codes are reassigned.
+    Returns the number of modules filled."""
+    n = 0
+    for m in root.modules():
+        if not isinstance(m, _QuantModule) or not m.cache_dequantized:
+            continue
+        prefixes = ("gate_up_", "down_") if isinstance(m, QuantExperts) else ("",)
+        for prefix in prefixes:
+            qw = getattr(m, prefix.rstrip("_") or "quantized_weight") if prefix else m.quantized_weight
+            if qw.packed.device.type != "cpu":  # CUDA uses the Triton kernels: no dense copy
+                continue
+            m._buffers.pop(prefix + "dense", None)
+            dense = QuantizedWeight(qw.packed, qw.scale, qw.zero, qw.shape, qw.spec).dequantize(torch.float32)
+            m.register_buffer(prefix + "dense", dense, persistent=False)
+            n += 1
+    return n
+
+
+def _reference_on_cpu(module: nn.Module, x: torch.Tensor) -> bool:
+    # On CPU with the automatic backend, kernels' dispatch always picks the pure-torch reference; calling
+    # it directly keeps dispatch's probes (triton availability, logging) out of a compiled graph.
+    return module.kernel_backend == "auto" and not x.is_cuda
 
 
 class _QuantModule(nn.Module):
@@ -96,6 +124,8 @@ class QuantLinear(_QuantModule):
             # Group activation quantizers (DGQ) vary their scale along K: no integer GEMM can take them,
             # so the input is quantized here and the weight-only kernel does the matmul.
             x, act = act(x), None
+        if _reference_on_cpu(self, x):
+            return kernels.qlinear_reference(x, self.quantized_weight, self.bias, act, rotation)
         return kernels.qlinear(x, self.quantized_weight, self.bias, act, self.kernel_backend, rotation)
 
     def extra_repr(self) -> str:
@@ -155,11 +185,16 @@ class QuantConv2d(_QuantModule):
         if self._is_pointwise():
             # A 1x1 convolution is a GEMM over pixels: run it through the matmul kernels.
             act = self.act
-            if act is not None and not isinstance(act, ActQuantizer):  # e.g. DGQ groups: quantize NCHW first
+            if act is not None and (not isinstance(act, ActQuantizer) or _reference_on_cpu(self, x)):
+                # DGQ groups, or the CPU reference (the same values as the channels-last twin, without
+                # building a module per call): quantize NCHW first
                 x, act = act(x), None
             elif act is not None:
                 act = act.along_last_dim()
-            y = kernels.qlinear(x.movedim(1, -1), self.quantized_weight, self.bias, act, self.kernel_backend)
+            if _reference_on_cpu(self, x):
+                y = kernels.qlinear_reference(x.movedim(1, -1), self.quantized_weight, self.bias, act)
+            else:
+                y = kernels.qlinear(x.movedim(1, -1), self.quantized_weight, self.bias, act, self.kernel_backend)
             return y.movedim(-1, 1)
         if self.act is not None:
             x = self.act(x)
@@ -253,6 +288,10 @@ class QuantExperts(_QuantModule):
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling() and _reference_on_cpu(self, hidden_states):
+            from quantkit.static_experts import static_experts_forward
+
+            return static_experts_forward(self, hidden_states, top_k_index, top_k_weights)
         if self.rot_in is not None or self.rot_mid is not None:
             from quantkit.quantizers.online_rotation import rotated_experts_forward
 

@@ -97,6 +97,28 @@ def make_tiny_deepseek(out: Path, seed: int = 0) -> None:
     DeepseekV3ForCausalLM(cfg).save_pretrained(out)
 
 
+def make_tiny_qwen3_moe(out: Path, seed: int = 0) -> None:
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen3MoeConfig(vocab_size=256, hidden_size=128, intermediate_size=256, moe_intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                         num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1, max_position_embeddings=128,
+                         tie_word_embeddings=False)
+    Qwen3MoeForCausalLM(cfg).save_pretrained(out)
+
+
+def make_tiny_olmoe(out: Path, seed: int = 0) -> None:
+    from transformers import OlmoeConfig, OlmoeForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = OlmoeConfig(vocab_size=256, hidden_size=128, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=4, num_experts=4, num_experts_per_tok=2,
+                      max_position_embeddings=128, tie_word_embeddings=False, bos_token_id=None,
+                      eos_token_id=255, pad_token_id=1)
+    OlmoeForCausalLM(cfg).save_pretrained(out)
+
+
 def make_tiny_clip(out: Path, seed: int = 0) -> None:
     """A random CLIPModel with tokenizer and image processor (a stand-in judge for eval tests)."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
@@ -124,6 +146,8 @@ TINY: dict[str, tuple[str, Callable[[Path, int], None]]] = {
     "tiny-unet": ("random-weight UNet2DConditionModel", make_tiny_unet),
     "tiny-dit": ("random-weight class-conditional DiTTransformer2DModel", make_tiny_dit),
     "tiny-mixtral": ("random-weight MixtralForCausalLM, 4 fused experts, top-2", make_tiny_mixtral),
+    "tiny-qwen3-moe": ("random-weight Qwen3MoeForCausalLM, 4 fused experts, top-2", make_tiny_qwen3_moe),
+    "tiny-olmoe": ("random-weight OlmoeForCausalLM, 4 fused experts, top-2", make_tiny_olmoe),
     "tiny-clip": ("random-weight CLIPModel with tokenizer and image processor", make_tiny_clip),
     "tiny-deepseek": ("random-weight DeepseekV3ForCausalLM, shared + 8 routed experts, grouped top-k", make_tiny_deepseek),
 }

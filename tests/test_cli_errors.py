@@ -71,7 +71,7 @@ def test_truncated_safetensors(tmp_path, dit_ckpt, keep):
 
     ck = tmp_path / "ck"
     shutil.copytree(dit_ckpt, ck)
-    f = ck / "quantized.safetensors"
+    f = ck / "diffusion_pytorch_model.safetensors"
     corrupt(f, keep if keep >= 0 else f.stat().st_size + keep)
     for cmd in (("inspect", ck), ("generate", ck)):
         msg = one_line_error(cli(*cmd))
@@ -83,7 +83,7 @@ def test_corrupted_header(tmp_path, dit_ckpt):
 
     ck = tmp_path / "ck"
     shutil.copytree(dit_ckpt, ck)
-    f = ck / "quantized.safetensors"
+    f = ck / "diffusion_pytorch_model.safetensors"
     data = bytearray(f.read_bytes())
     data[8:20] = b"garbage!!!!!"
     f.write_bytes(bytes(data))

@@ -47,7 +47,13 @@ def test_cli_quantize_pipeline_and_reload(tmp_path):
     assert type(pipe).__name__ == "StableDiffusionPipeline"
     meta = json.loads((out / "quantization.json").read_text())
     assert meta["model"]["component"] == "unet" and meta["skipped"]["conv_in"] == "conv_in"
-    assert not (out / "unet" / "diffusion_pytorch_model.safetensors").exists()
+    # The denoiser's weight file holds the quantized tensors (not a copy of the source's), and its config
+    # says so: a plain from_pretrained goes through quantkit's quantizer or refuses.
+    from safetensors import safe_open
+
+    with safe_open(str(out / "unet" / "diffusion_pytorch_model.safetensors"), "pt") as f:
+        assert any(k.endswith(".qweight") for k in f.keys())
+    assert json.loads((out / "unet" / "config.json").read_text())["quantization_config"]["quant_method"] == "quantkit"
     png = tmp_path / "grid.png"
     r = cli("generate", out, "--prompt", "a red bus", "--n", "2", "--steps", "2", "--out", png)
     assert r.exit_code == 0, r.output
@@ -73,7 +79,7 @@ def test_inspect_json_moe_w4a16_g128(tmp_path):
     out = tmp_path / "moe"
     r = cli("quantize", "zoo:tiny-mixtral", "--out", out, "--recipe", "rtn-w4a16-g128")
     assert r.exit_code == 0, r.output
-    r = cli("inspect", out, "--json")
+    r = cli("inspect", out, "--json", "-")
     assert r.exit_code == 0, r.output
     report = json.loads(r.output)
     assert set(report) >= {"layers", "totals"}
@@ -93,7 +99,7 @@ def test_sharded_checkpoint(tmp_path):
     rec = Recipe.load("rtn-w8a8")
     result = quantize_model(loaded, rec)
     out = save_checkpoint(loaded, rec, result, tmp_path / "sharded", max_shard_bytes=200_000)
-    index = json.loads((out / "quantized.safetensors.index.json").read_text())
+    index = json.loads((out / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
     assert torch.equal(forward(loaded.adapter, loaded.root), forward(loaded.adapter, quantkit.load(out)))
 

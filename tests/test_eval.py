@@ -71,7 +71,7 @@ def test_diffusion_eval_report(tmp_path):
             "--json", js, "--out", out, "--metrics", "fid_real,fid_fp,clip_score")
     assert r.exit_code == 0, r.output
     m = json.loads(js.read_text())["metrics"]
-    assert set(m) == {"fid_real", "fid_fp", "clip_score"}
+    assert set(m) == {"fid_clip_real", "fid_clip_fp", "clip_score"}  # named for the CLIP features used
     assert all(v == v for v in m.values())  # no NaN
     assert (out / "model0" / "samples.png").stat().st_size > 0
 

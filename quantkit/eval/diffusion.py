@@ -99,7 +99,12 @@ def feature_extractor(clip: tuple | None, inception_weights: Path | None) -> tor
 def diffusion_metrics(samples: SampleSet, reference: SampleSet | None, metrics: list[str], seed: int,
                       clip_dir: Path | None, real_source: str | None, class_prompts: list[str],
                       inception_weights: Path | None = None) -> dict[str, float]:
-    """The requested metrics that the inputs allow; a metric that cannot be computed is left out and logged."""
+    """The requested metrics that the inputs allow; a metric that cannot be computed is left out and logged.
+
+    Report keys name the features: `fid_clip_real` / `fid_clip_fp` on CLIP image embeddings (not comparable
+    to published FID), `fid_inception_real` / `fid_inception_fp` on Inception pool features (the papers'
+    FID), `is_clip` (Inception Score over the CLIP zero-shot class distribution)."""
+    feat = "inception" if inception_weights is not None else "clip"
     from torchmetrics.image.inception import InceptionScore
     from torchmetrics.multimodal.clip_score import CLIPScore
 
@@ -110,16 +115,16 @@ def diffusion_metrics(samples: SampleSet, reference: SampleSet | None, metrics: 
             log.warning("fid_real skipped: no real images (--real-images DIR)")
         else:
             real = load_real_images(real_source, size=samples.images.shape[-1])
-            out["fid_real"] = _fid(feature_extractor(clip, inception_weights), real, samples.images, inception_weights)
+            out[f"fid_{feat}_real"] = _fid(feature_extractor(clip, inception_weights), real, samples.images, inception_weights)
     if "fid_fp" in metrics and reference is not None:
-        out["fid_fp"] = _fid(feature_extractor(clip, inception_weights), reference.images, samples.images,
+        out[f"fid_{feat}_fp"] = _fid(feature_extractor(clip, inception_weights), reference.images, samples.images,
                              inception_weights)
     if "is" in metrics:
         if clip and class_prompts:
             torch.manual_seed(seed)  # IS shuffles its splits with the global generator
             metric = InceptionScore(feature=ClipZeroShotLogits(*clip, class_prompts), splits=min(10, len(samples.images)))
             metric.update(samples.images)
-            out["is"] = float(metric.compute()[0])
+            out["is_clip"] = float(metric.compute()[0])
         else:
             log.warning("is skipped: needs --clip-model with class prompts (quantkit_eval.json)")
     if "clip_score" in metrics and clip and any(samples.prompts):

@@ -30,8 +30,20 @@ def _grid(images: torch.Tensor, cols: int) -> torch.Tensor:
     return canvas
 
 
+def require_matplotlib() -> None:
+    """matplotlib is the optional `plots` extra: say so before any work is done."""
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        from quantkit.errors import QuantkitError
+
+        raise QuantkitError("metric-vs-bits plots (eval --compare with --out) need matplotlib: "
+                            "pip install 'quantkit[plots]'")
+
+
 def metric_vs_bits_plot(rows: list[dict[str, Any]], metric: str, path: Path) -> None:
     """One point per evaluated model: bits per weight on x, the metric on y."""
+    require_matplotlib()
     import matplotlib
 
     matplotlib.use("Agg")

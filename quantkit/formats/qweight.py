@@ -33,6 +33,9 @@ class QuantizedWeight:
     # Optional dict owned by a module: keeps the last dense dequantization so the pure-torch path
     # does not unpack the same codes on every call. Keyed on the buffers' identity and version.
     cache: dict | None = field(default=None, repr=False, compare=False)
+    # The dense weight filled once when a checkpoint is loaded (the owning module's non-persistent
+    # buffer, see nn.fill_dense): used as is, with no per-call check, so torch.compile sees a plain input.
+    dense: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def quantize(cls, w: torch.Tensor, spec: FormatSpec) -> "QuantizedWeight":
@@ -56,7 +59,9 @@ class QuantizedWeight:
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Pure-torch reference dequantization to a dense [..., N, K] tensor."""
-        if self.cache is None:
+        if self.dense is not None:
+            return self.dense.to(dtype)
+        if self.cache is None or torch.compiler.is_compiling():  # the keyed cache compares data pointers
             return dequantize_codes(self.codes(), self.scale, self.zero, self.spec, dtype)
         key = (dtype, *[(t.data_ptr(), t._version) for t in self.tensors().values()])
         hit = self.cache.get("dense")

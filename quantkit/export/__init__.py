@@ -1,0 +1,1 @@
+"""Exports of quantkit checkpoints to formats other runtimes load (compressed-tensors)."""
