@@ -163,3 +163,11 @@ def calib_for_other_model(tmp: Path) -> Path:
     items = [CallArgs((), {"sample": torch.randn(1, 4, 8, 8), "timestep": torch.tensor([10]),
                            "encoder_hidden_states": torch.randn(1, 8, 64)}) for _ in range(2)]
     return save_calibration(tmp / "other.calib.safetensors", items, {"model": "some-other-unet"})
+
+
+def weight_file(ck: Path) -> Path:
+    """The (single) safetensors file of a small quantkit checkpoint, wherever its format version puts it."""
+    meta = json.loads((ck / "quantization.json").read_text())
+    comp = meta["model"]["component"]
+    (name,) = meta["weights"]["files"]
+    return (ck / comp if comp else ck) / name

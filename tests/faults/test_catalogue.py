@@ -263,7 +263,7 @@ def _edit_meta(ck: Path, fn) -> None:
 def _wrong_shape(ck: Path) -> None:
     from safetensors.torch import load_file, save_file
 
-    f = ck / "quantized.safetensors"
+    f = bi.weight_file(ck)
     sd = load_file(str(f))
     k = next(k for k in sd if k.endswith("qweight"))
     sd[k] = sd[k][:-1].contiguous()
@@ -278,7 +278,7 @@ CKPT_CASES = [
      ("inspect", "generate")),
     ("ckpt-missing-field", lambda ck: _edit_meta(ck, lambda m: m.pop("layers")), ("incomplete", "layers"),
      ("inspect", "generate")),
-    ("ckpt-missing-weights", lambda ck: (ck / "quantized.safetensors").unlink(), ("missing",), ("inspect", "generate")),
+    ("ckpt-missing-weights", lambda ck: bi.weight_file(ck).unlink(), ("missing",), ("inspect", "generate")),
     ("ckpt-wrong-shape", _wrong_shape, ("has shape", "qweight"), ("generate",)),
     ("ckpt-layer-not-in-model", lambda ck: _edit_meta(ck, lambda m: m["layers"].update(
         {"nope.layer": next(iter(m["layers"].values()))})), ("nope.layer",), ("generate",)),

@@ -68,7 +68,7 @@ def test_degenerate_layer_gets_a_valid_result(tmp_path: Path) -> None:
     out = tmp_path / "o"
     r = cli("quantize", src, "--recipe", recipe, "--out", out)
     assert r.exit_code == 0, r.output
-    sd = load_file(str(out / "quantized.safetensors"))
+    sd = load_file(str(bi.weight_file(out)))
     name = "transformer_blocks.0.attn1.to_q"
     assert torch.equal(sd[f"{name}.scale"].float(), torch.ones_like(sd[f"{name}.scale"].float()))
     for k, v in sd.items():
