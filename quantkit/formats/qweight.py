@@ -33,6 +33,8 @@ class QuantizedWeight:
     # Optional dict owned by a module: keeps the last dense dequantization so the pure-torch path
     # does not unpack the same codes on every call. Keyed on the buffers' identity and version.
     cache: dict | None = field(default=None, repr=False, compare=False)
+    # Optional dict owned by a module for the kernels' own layout (kernels/repack.py): repacked once.
+    kernel_cache: dict | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def quantize(cls, w: torch.Tensor, spec: FormatSpec) -> "QuantizedWeight":
@@ -56,7 +58,8 @@ class QuantizedWeight:
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Pure-torch reference dequantization to a dense [..., N, K] tensor."""
-        if self.cache is None:
+        if self.cache is None or self.packed.device.type != "cpu":
+            # The dense copy is a CPU convenience only: on a GPU it would cost 4x the packed weight's memory.
             return dequantize_codes(self.codes(), self.scale, self.zero, self.spec, dtype)
         key = (dtype, *[(t.data_ptr(), t._version) for t in self.tensors().values()])
         hit = self.cache.get("dense")
