@@ -53,13 +53,13 @@ def qlinear(
     choice = choose_linear_kernel(x, qweight, act, rotation)
     used = pick_backend(choice, x.is_cuda, backend, f"{qweight.spec.short} with this activation quantizer")
     if used == "reference":
-        if x.is_cuda and choice.kernel is None:
+        if x.is_cuda and choice.kernel is None:  # warned at load (kernels/prepare.py); per call only at DEBUG
             log.debug("qlinear %s: reference (%s)", qweight.spec.short, choice.reason)
         return qlinear_reference(x, qweight, bias, act, rotation)
     if choice.kernel == "wo_gemm":
-        from quantkit.kernels.wo_gemm import wo_linear_triton
+        from quantkit.kernels.weight_only import weight_only_linear
 
-        return wo_linear_triton(x, qweight, bias)
+        return weight_only_linear(x, qweight, bias)
     from quantkit.kernels.aq_gemm import aq_linear_triton
 
     return aq_linear_triton(x, qweight, bias, act, rotation)
