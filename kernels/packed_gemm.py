@@ -37,11 +37,44 @@ def _magic_fp32(c, bits_or: tl.constexpr):
 
 
 @triton.jit
+def _load_words(ptrs, mask, EVEN_N: tl.constexpr):
+    """A word tile as uint32 (logical shifts), 16-byte loads streamed with evict_first (read once).
+
+    EVEN_N (N % BLOCK_N == 0) drops the mask: a masked load also zero-fills its registers first.
+    """
+    if EVEN_N:
+        w = tl.load(ptrs, eviction_policy="evict_first")
+    else:
+        w = tl.load(ptrs, mask=mask, other=0, eviction_policy="evict_first")
+    return w.to(tl.uint32, bitcast=True)
+
+
+@triton.jit
 def _code_chunk(words, J: tl.constexpr, BITS: tl.constexpr):
     """Codes [RB, BLOCK_N] int32 of chunk J of a [RB, BLOCK_N] word tile."""
     if J == 0:
         return words & ((1 << BITS) - 1)
     return (words >> (J * BITS)) & ((1 << BITS) - 1)  # words are uint32: a logical shift
+
+
+@triton.jit
+def _gemv_chunk(words, hi, x_j, zf, code_mask, J: tl.constexpr, BITS: tl.constexpr):
+    """(x_j * 2^-p, (code - zero) * 2^p) in fp32 for chunk J, p its bit position in its half word.
+
+    The code stays where it is: (word & mask << p) | 2^23, read as fp32, is 2^23 + code * 2^p
+    (p + bits <= 16 < 23): one lop3, no shift (the upper half word is shifted once per word, `hi`).
+    Minus 2^23 + zero * 2^p it is (code - zero) * 2^p exactly; x takes the 2^-p (exact, a power of 2).
+    """
+    Q: tl.constexpr = J * BITS
+    PP: tl.constexpr = Q if Q < 16 else Q - 16
+    if Q < 16:
+        src = words
+    else:
+        src = hi
+    w = _magic_fp32(src & (code_mask << PP), 0x4B000000) - (8388608.0 + zf * (1 << PP))
+    if PP != 0:
+        x_j = x_j * (1.0 / (1 << PP))
+    return x_j, w
 
 
 @triton.jit
@@ -118,6 +151,7 @@ def _packed_gemm_kernel(
     BITS: tl.constexpr, GROUP: tl.constexpr, IS_MX: tl.constexpr, HAS_ZERO: tl.constexpr,
     SYM_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
     USE_ASM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
+    EVEN_N: tl.constexpr,
 ):
     P: tl.constexpr = 32 // BITS  # chunks per pack block
     KB: tl.constexpr = P * 16  # P * RB (a literal: constexpr arithmetic)  # k per pack block
@@ -156,8 +190,7 @@ def _packed_gemm_kernel(
         zw = (_load_zero_f(z_ptr, 0, N, offs_n, mask_n1, HAS_ZERO, SYM_OFFSET) + OFF).to(DT)[None, :]
     for blk in range(b_begin, b_end):
         k0 = blk * KB
-        words = tl.load(w_cols + (offs_r + blk * RB)[:, None].to(tl.int64) * N, mask=mask_n, other=0,
-                        eviction_policy="evict_first").to(tl.uint32, bitcast=True)  # [RB, BLOCK_N], 16-byte loads
+        words = _load_words(w_cols + (offs_r + blk * RB)[:, None].to(tl.int64) * N, mask_n, EVEN_N)  # [RB, BLOCK_N]
         if HOIST and GROUP != 0:
             g = k0 // GROUP
             zw = (_load_zero_f(z_ptr, g, N, offs_n, mask_n1, HAS_ZERO, SYM_OFFSET) + OFF).to(DT)[None, :]
@@ -190,13 +223,17 @@ def _packed_gemm_kernel(
 @triton.jit
 def _packed_gemv_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
-    M, N, K, n_blocks, stride_xm, stride_om,
+    M, N, K, n_blocks, stride_xm, stride_om, code_mask,
     BITS: tl.constexpr, GROUP: tl.constexpr, IS_MX: tl.constexpr, HAS_ZERO: tl.constexpr,
     SYM_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr,
 ):
     """M <= BLOCK_M <= 8 rows without tl.dot; everything is 3-D [BLOCK_M, RB, BLOCK_N] so that the
-    sum over K runs inside each thread (no layout conversion, no shared memory)."""
+    sum over K runs inside each thread (no layout conversion, no shared memory).
+
+    code_mask = 2^BITS - 1 arrives at run time on purpose: as a register it stays live across the
+    loop; as an immediate, ptxas re-materialises it (a MOV) before every lop3.
+    """
     P: tl.constexpr = 32 // BITS
     KB: tl.constexpr = P * 16  # P * RB (a literal: constexpr arithmetic)
     MX_FIX: tl.constexpr = 16384.0 if IS_MX else 1.0
@@ -222,11 +259,11 @@ def _packed_gemv_kernel(
         zf = _load_zero_f(z_ptr, 0, N, n3, mask_n3, HAS_ZERO, SYM_OFFSET)  # [1, 1, BLOCK_N]
     for blk in range(b_begin, b_end):
         k0 = blk * KB
-        words = tl.load(w_cols + (r3 + blk * RB).to(tl.int64) * N, mask=mask_n3, other=0,
-                        eviction_policy="evict_first").to(tl.uint32, bitcast=True)  # [1, RB, BLOCK_N], 16-byte loads
+        words = _load_words(w_cols + (r3 + blk * RB).to(tl.int64) * N, mask_n3, EVEN_N)  # [1, RB, BLOCK_N]
         if GROUP != 0 and (GROUP % KB) == 0:
             g = k0 // GROUP
             zf = _load_zero_f(z_ptr, g, N, n3, mask_n3, HAS_ZERO, SYM_OFFSET)
+        hi = words >> 16  # chunks in the upper half word come from here: one shift per word
         if ACC3:
             part3 = tl.zeros((BLOCK_M, RB, BLOCK_N), dtype=tl.float32)
         else:
@@ -234,14 +271,13 @@ def _packed_gemv_kernel(
         for j in tl.static_range(P):
             k3 = k0 + j * RB + r3  # [1, RB, 1]
             x_j = tl.load(x_rows + k3, mask=(m3 < M) & (k3 < K), other=0.0).to(tl.float32)  # [BLOCK_M, RB, 1]
-            c = _code_chunk(words, j, BITS)
             if not HOIST:
                 g = tl.minimum(k0 + j * RB, K - 1) // GROUP
                 zf = _load_zero_f(z_ptr, g, N, n3, mask_n3, HAS_ZERO, SYM_OFFSET)
             if IS_MX:
-                w = _mx_fp16(c).to(tl.float32)
+                w = _mx_fp16(_code_chunk(words, j, BITS)).to(tl.float32)
             else:
-                w = _magic_fp32(c, 0x4B000000) - (8388608.0 + zf)  # exact code - zero
+                x_j, w = _gemv_chunk(words, hi, x_j, zf, code_mask, j, BITS)
             if HOIST and ACC3:
                 part3 += x_j * w  # one FFMA per weight; summed over K once per block
             elif HOIST:

@@ -39,7 +39,7 @@ def launch_plan(m: int, kw: KernelWeight, device: torch.device, config: TileConf
                 split_k: int | None = None) -> tuple[TileConfig, int]:
     """(tile, split_k) for an M-row call: pinned, tuned for this GPU, or the default rule."""
     if config is None:
-        config = packed_tile(m)
+        config = packed_tile(m, kw.bits)
         if device.type == "cuda":
             from quantkit.kernels.tuning import tuned_tile
 
@@ -81,9 +81,9 @@ def packed_linear_triton(
     args = (x2, kw.words, kw.scale, kw.zero, bias if bias is not None else out, out, ws, cnt,
             m, n, kw.k, kw.words.shape[1] // RB, x2.stride(0), out.stride(0))
     flags = dict(kw.constexprs(), HAS_BIAS=bias is not None, SPLIT_K=split_k, BLOCK_M=config.block_m,
-                 BLOCK_N=config.block_n, num_warps=config.num_warps, num_stages=config.num_stages)
+                 BLOCK_N=config.block_n, EVEN_N=n % config.block_n == 0, num_warps=config.num_warps, num_stages=config.num_stages)
     if config.block_m < 16:  # GEMV: no MMA
-        _packed_gemv_kernel[(grid_mn, split_k)](*args, **flags)
+        _packed_gemv_kernel[(grid_mn, split_k)](*args, (1 << kw.bits) - 1, **flags)
     else:
         _packed_gemm_kernel[(grid_mn, split_k)](*args, **flags, USE_ASM=x.is_cuda, GROUP_M=config.group_m)
     return out.reshape(*lead, n)

@@ -47,15 +47,17 @@ def _c(v) -> tuple:
 
 def packed_case(fmt: str, bits: int, group: int, is_mx: bool, has_zero: bool, m: int, dtype: str = "fp16",
                 tile: TileConfig | None = None, split_k: int = 1, use_asm: bool = False) -> Case:
-    tile = tile or packed_tile(m)
+    tile = tile or packed_tile(m, bits)
     args = dict(x_ptr=f"*{dtype}", w_ptr="*i32", s_ptr="*fp32" if is_mx else "*fp16",
                 z_ptr="*u8" if has_zero else "*fp16", b_ptr=f"*{dtype}", out_ptr=f"*{dtype}", ws_ptr="*fp32",
                 cnt_ptr="*i32", M=m if m > 1 else 3, N=N, K=K, n_blocks=K * bits // 32 // RB, stride_xm=K,
                 stride_om=N, BITS=_c(bits), GROUP=_c(group), IS_MX=_c(is_mx), HAS_ZERO=_c(has_zero),
                 SYM_OFFSET=_c(0 if is_mx else 1 << (bits - 1)), HAS_BIAS=_c(False), SPLIT_K=_c(split_k),
-                BLOCK_M=_c(tile.block_m), BLOCK_N=_c(tile.block_n))
+                BLOCK_M=_c(tile.block_m), BLOCK_N=_c(tile.block_n), EVEN_N=_c(N % tile.block_n == 0))
     gemv = tile.block_m < 16
-    if not gemv:
+    if gemv:
+        args.update(code_mask=(1 << bits) - 1)
+    else:
         args.update(USE_ASM=_c(use_asm), GROUP_M=_c(tile.group_m))
     per_iter = tile.block_n * (32 // bits) * RB  # one pack block of BLOCK_N columns
     name = f"{'gemv' if gemv else 'gemm'} {fmt} {dtype} M={m} {tile.block_m}x{tile.block_n} w{tile.num_warps}s{tile.num_stages}"
@@ -94,8 +96,10 @@ def aq_case(fmt: str, bits: int, group: int, a_group: int, is_mx: bool, tile: Ti
 def packed_cases() -> list[Case]:
     """Every packed format at the default tile of each M with fp16 activations; bf16 at M = 1 and 16;
     the inline-asm variant of the W4A16 MMA tile for comparison."""
-    tiles = {packed_tile(m): m for m in PACKED_M}  # one case per distinct tile
-    out = [packed_case(*f, m=m, dtype="fp16") for f in PACKED_FORMATS for m in tiles.values()]
+    out = []
+    for f in PACKED_FORMATS:
+        tiles = {packed_tile(m, f[1]): m for m in PACKED_M}  # one case per distinct tile
+        out += [packed_case(*f, m=m, dtype="fp16") for m in tiles.values()]
     out += [packed_case(*f, m=m, dtype="bf16") for f in PACKED_FORMATS for m in (1, 16)]
     out.append(packed_case(*PACKED_FORMATS[0], m=16, use_asm=True))
     return out

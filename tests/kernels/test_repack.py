@@ -60,6 +60,7 @@ def test_what_cannot_be_repacked_says_why(spec: FormatSpec, why: str) -> None:
 def test_tile_rule_gemv_then_mma() -> None:
     assert packed_tile(1).block_m == 1 and packed_tile(GEMV_MAX_M).block_m < 16
     assert packed_tile(GEMV_MAX_M + 1).block_m == 16
+    assert packed_tile(1, bits=2).block_m == 16  # every 2-bit GEMV tile spills
     assert packed_tile(4096).block_m >= 64
 
 
