@@ -145,44 +145,22 @@ def _epilogue(acc, out_ptr, b_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, M, N, stride
 
 
 @triton.jit
-def _packed_gemm_kernel(
-    x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
-    M, N, K, n_blocks, stride_xm, stride_om,
-    BITS: tl.constexpr, GROUP: tl.constexpr, IS_MX: tl.constexpr, HAS_ZERO: tl.constexpr,
-    SYM_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
-    USE_ASM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
-    EVEN_N: tl.constexpr,
-):
+def _mma_k_loop(x_rows, mask_m, w_cols, s_ptr, z_ptr, N, K, b_begin, b_end, offs_n,
+                BITS: tl.constexpr, GROUP: tl.constexpr, IS_MX: tl.constexpr, HAS_ZERO: tl.constexpr,
+                SYM_OFFSET: tl.constexpr, USE_ASM: tl.constexpr, EVEN_N: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """fp32 [BLOCK_M, BLOCK_N] = rows x_rows [BLOCK_M, 1] (pointers) times pack blocks [b_begin, b_end) of
+    the word columns w_cols [1, BLOCK_N], scales s_ptr / zeros z_ptr of one [G, N] weight."""
     P: tl.constexpr = 32 // BITS  # chunks per pack block
-    KB: tl.constexpr = P * 16  # P * RB (a literal: constexpr arithmetic)  # k per pack block
-    # MXFP4 values come out of _mx_fp16 scaled by 2^-14; the (fp32) scale takes the 2^14 back.
-    MX_FIX: tl.constexpr = 16384.0 if IS_MX else 1.0
-    pid = tl.program_id(0)
-    grid_m = tl.cdiv(M, BLOCK_M)
-    grid_n = tl.cdiv(N, BLOCK_N)
-    width = GROUP_M * grid_n  # grouped order: GROUP_M row tiles share weight tiles in L2
-    first_m = (pid // width) * GROUP_M
-    size_m = tl.minimum(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % size_m
-    pid_n = (pid % width) // size_m
-    pid_k = tl.program_id(1)
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+    KB: tl.constexpr = P * 16  # k per pack block (P * RB)
+    MX_FIX: tl.constexpr = 16384.0 if IS_MX else 1.0  # MXFP4 values come out of _mx_fp16 scaled by 2^-14
     offs_r = tl.arange(0, RB)  # [RB]
-    mask_m = offs_m[:, None] < M  # [BLOCK_M, 1]
     mask_n1 = offs_n < N  # [BLOCK_N]
     mask_n = mask_n1[None, :]  # [1, BLOCK_N]
-    x_rows = x_ptr + offs_m[:, None] * stride_xm  # [BLOCK_M, 1]
-    w_cols = w_ptr + offs_n[None, :]  # [1, BLOCK_N]
-
-    per_split = tl.cdiv(n_blocks, SPLIT_K)
-    b_begin = pid_k * per_split
-    b_end = tl.minimum(b_begin + per_split, n_blocks)
     # The MMA multiplies x by code - zero (exact small integers: OFF + code minus OFF + zero, in
     # packed half2 math), and the scale multiplies the fp32 partial once per group: the weight tile
     # is never scaled element by element.
-    DT: tl.constexpr = x_ptr.dtype.element_ty
+    DT: tl.constexpr = x_rows.dtype.element_ty
     OFF: tl.constexpr = 1024.0 if DT == tl.float16 else (128.0 if BITS < 8 else 0.0)  # _chunk_weights' magic
     HOIST: tl.constexpr = (GROUP == 0) or (GROUP % KB) == 0  # one zero/scale for the whole block
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -215,7 +193,39 @@ def _packed_gemm_kernel(
             acc += part
     if GROUP == 0:
         acc *= tl.load(s_ptr + offs_n, mask=mask_n1, other=0.0).to(tl.float32)[None, :] * MX_FIX
+    return acc
 
+
+@triton.jit
+def _packed_gemm_kernel(
+    x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
+    M, N, K, n_blocks, stride_xm, stride_om,
+    BITS: tl.constexpr, GROUP: tl.constexpr, IS_MX: tl.constexpr, HAS_ZERO: tl.constexpr,
+    SYM_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+    USE_ASM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
+    EVEN_N: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * grid_n  # grouped order: GROUP_M row tiles share weight tiles in L2
+    first_m = (pid // width) * GROUP_M
+    size_m = tl.minimum(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % size_m
+    pid_n = (pid % width) // size_m
+    pid_k = tl.program_id(1)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+    mask_m = offs_m[:, None] < M  # [BLOCK_M, 1]
+    x_rows = x_ptr + offs_m[:, None] * stride_xm  # [BLOCK_M, 1]
+    w_cols = w_ptr + offs_n[None, :]  # [1, BLOCK_N]
+
+    per_split = tl.cdiv(n_blocks, SPLIT_K)
+    b_begin = pid_k * per_split
+    b_end = tl.minimum(b_begin + per_split, n_blocks)
+    acc = _mma_k_loop(x_rows, mask_m, w_cols, s_ptr, z_ptr, N, K, b_begin, b_end, offs_n, BITS, GROUP, IS_MX,
+                      HAS_ZERO, SYM_OFFSET, USE_ASM, EVEN_N, BLOCK_M, BLOCK_N)
     _epilogue(acc, out_ptr, b_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, M, N, stride_om, pid_m * grid_n + pid_n,
               HAS_BIAS, SPLIT_K, BLOCK_M, BLOCK_N)
 
