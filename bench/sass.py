@@ -1,7 +1,7 @@
 """CPU-only proxy of kernel efficiency: compile every kernel x format x tile for sm_90a (H100/H200) and
 report registers, spills, global-load widths and SASS instructions per weight in the main loop.
 
-    python bench/sass.py                      # every set: packed (current), byte (pre-repack), aq
+    python bench/sass.py                      # every set: packed (current), byte (pre-repack), aq, moe
     python bench/sass.py --set packed --json sass.json
 
 Needs triton's bundled ptxas/cuobjdump, no GPU; run without TRITON_INTERPRET. Not a timing.
@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     from quantkit.kernels.sass_cases import CASE_SETS
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--set", default="packed,byte,aq", help=f"comma-separated subset of {', '.join(CASE_SETS)}")
+    p.add_argument("--set", default="packed,byte,aq,moe", help=f"comma-separated subset of {', '.join(CASE_SETS)}")
     p.add_argument("--match", default="", help="only cases whose name contains this")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = p.parse_args(argv)

@@ -86,6 +86,13 @@ def qexperts(
             log.debug("qexperts %s: reference (%s)", gate_up.spec.short, choice.reason)
         return qexperts_reference(hidden, top_k_index, top_k_weights, gate_up, down, act_fn, act_in, act_mid,
                                   gate_up_bias, down_bias)
+    from quantkit.kernels.repack import cached_repack, repack_problem
+
+    if repack_problem(gate_up) is None and repack_problem(down) is None:
+        from quantkit.kernels.packed_moe import qexperts_packed
+
+        return qexperts_packed(hidden, top_k_index, top_k_weights, cached_repack(gate_up), cached_repack(down),
+                               act_fn, gate_up_bias, down_bias)
     from quantkit.kernels.moe import qexperts_triton
 
     return qexperts_triton(hidden, top_k_index, top_k_weights, gate_up, down, act_fn, None, None,

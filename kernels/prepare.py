@@ -56,13 +56,18 @@ def cuda_fallbacks(root: nn.Module, dtype: torch.dtype | None = None) -> dict[st
 
 def prepare_for_cuda(root: nn.Module, dtype: torch.dtype | None = None) -> dict[str, str]:
     """Repack the weights the packed kernels read and warn about every CUDA fallback; returns the fallbacks."""
-    from quantkit.nn import QuantConv2d, QuantLinear
+    from quantkit.nn import QuantConv2d, QuantExperts, QuantLinear
 
     n = 0
     for mod in root.modules():
-        if isinstance(mod, (QuantLinear, QuantConv2d)) and mod.qweight.is_cuda:
-            qw = mod.quantized_weight
-            if repack_problem(qw) is None:
+        if isinstance(mod, (QuantLinear, QuantConv2d)):
+            weights = [mod.quantized_weight]
+        elif isinstance(mod, QuantExperts):
+            weights = [mod.gate_up, mod.down]
+        else:
+            continue
+        for qw in weights:
+            if qw.packed.is_cuda and repack_problem(qw) is None:
                 cached_repack(qw)
                 n += 1
     fallbacks = cuda_fallbacks(root, dtype)

@@ -30,7 +30,11 @@ class Case:
     def compile(self):
         from quantkit.kernels.sass import compile_kernel
 
-        if self.kernel == "packed_gemv":
+        if self.kernel == "packed_moe":
+            from quantkit.kernels.packed_moe import _packed_moe_kernel as fn
+        elif self.kernel == "moe":
+            from quantkit.kernels.moe import _moe_gemm_kernel as fn
+        elif self.kernel == "packed_gemv":
             from quantkit.kernels.packed_gemm import _packed_gemv_kernel as fn
         elif self.kernel == "packed":
             from quantkit.kernels.packed_gemm import _packed_gemm_kernel as fn
@@ -117,4 +121,36 @@ def aq_cases() -> list[Case]:
                                        aq_case("w4a4-mxfp4", 4, 32, 32, True, t))]
 
 
-CASE_SETS = {"packed": packed_cases, "byte": byte_cases, "aq": aq_cases}
+def moe_cases() -> list[Case]:
+    """Fused MoE, W4A16 g128, Mixtral down projection (N = 4096, K = 14336): packed vs byte layout, decode
+    (16-row) and prefill (64-row) tiles; the down launch with its atomic fp32 scatter."""
+    from quantkit.kernels.moe import moe_tile
+    from quantkit.kernels.packed_moe import packed_moe_tile
+
+    n, k, e = 4096, 14336, 8
+    out = []
+    for pairs in (2, 4096):
+        t = packed_moe_tile(pairs, e)
+        args = dict(a_ptr="*fp16", w_ptr="*i32", s_ptr="*fp16", z_ptr="*fp16", b_ptr="*fp16", rw_ptr="*fp32",
+                    out_ptr="*fp32", a_rows_ptr="*i32", c_rows_ptr="*i32", blk_expert_ptr="*i32",
+                    blk_start_ptr="*i32", blk_end_ptr="*i32", N=n, K=k, E=e, n_blocks=k // 128, stride_am=k,
+                    stride_we=k // 8 * n, stride_se=k // 128 * n, stride_be=n, stride_om=n, BITS=_c(4),
+                    GROUP=_c(128), IS_MX=_c(False), HAS_ZERO=_c(False), SYM_OFFSET=_c(8), HAS_BIAS=_c(False),
+                    HAS_ROW_WEIGHT=_c(True), ATOMIC_OUT=_c(True), SPLIT_K=_c(4 if pairs == 2 else 1),
+                    USE_ASM=_c(False), BLOCK_M=_c(t.block_m), BLOCK_N=_c(t.block_n), EVEN_N=_c(True))
+        out.append(Case(f"moe-packed int4-g128 fp16 {t.block_m}x{t.block_n} w{t.num_warps}s{t.num_stages}",
+                        "packed_moe", args, t, t.block_n * 128 // (32 * t.num_warps)))
+        b = moe_tile(pairs, e)
+        args = dict(a_ptr="*fp16", w_ptr="*u8", s_ptr="*fp16", z_ptr="*fp16", b_ptr="*fp16", rw_ptr="*fp32",
+                    out_ptr="*fp32", a_rows_ptr="*i32", c_rows_ptr="*i32", blk_expert_ptr="*i32",
+                    blk_start_ptr="*i32", blk_end_ptr="*i32", N=n, K=k, E=e, stride_am=k, stride_we=n * k // 2,
+                    stride_wn=k // 2, stride_se=n * k // 128, stride_sn=k // 128, stride_sg=1, stride_ze=n * k // 128,
+                    stride_zn=k // 128, stride_zg=1, stride_be=n, stride_om=n, BITS=_c(4), GROUP=_c(128),
+                    IS_MX=_c(False), HAS_ZERO=_c(False), SYM_OFFSET=_c(8), HAS_BIAS=_c(False),
+                    HAS_ROW_WEIGHT=_c(True), BLOCK_M=_c(b.block_m), BLOCK_N=_c(b.block_n), BLOCK_K=_c(b.block_k))
+        out.append(Case(f"moe-byte int4-g128 fp16 {b.block_m}x{b.block_n}x{b.block_k} w{b.num_warps}s{b.num_stages}",
+                        "moe", args, b, b.block_n * b.block_k // (32 * b.num_warps)))
+    return out
+
+
+CASE_SETS = {"packed": packed_cases, "byte": byte_cases, "aq": aq_cases, "moe": moe_cases}
