@@ -4,9 +4,10 @@ y = x @ dequant(W)^T + b, x fp16/bf16 [M, K], W as K-packed int32 words [KW, N] 
 16-byte coalesced loads, streamed with evict_first). Each loop iteration takes one pack block
 (RB word rows = 32/bits chunks of RB contiguous k): chunk j is `(words >> j*bits) & mask`.
 
-- GEMV (BLOCK_M <= 8, no tl.dot): codes become fp32 with the magic number 2^23 (`code | 0x4B000000`
-  read as a float is 2^23 + code), minus (2^23 + zero) gives code - zero exactly; x * that is summed
-  over K in registers (tl.sum). Scales are applied once per group to the group's partial sum.
+- GEMV (BLOCK_M <= 2, no tl.dot): codes become fp32 where they sit in the word, by a magic exponent
+  (_gemv_chunk: one lop3 and one fadd give exact code - zero); x times that accumulates in a
+  [BLOCK_M, RB, BLOCK_N] register tile (one FFMA per weight), summed over K once per pack block.
+  Scales are applied once per group to the group's partial sum.
 - Tiled (BLOCK_M >= 16, tl.dot): codes become fp16 with the magic number 1024 (`code | 0x6400`),
   minus (1024 + zero) gives code - zero exactly (bf16: 128 / 0x4300, 7-bit codes at most); the MMA
   multiplies x by these small integers and the group scale multiplies the fp32 partial product.
@@ -31,12 +32,6 @@ assert _RB == 16  # the kernels spell RB as 16 in constexpr arithmetic
 
 
 @triton.jit
-def _magic_fp32(c, bits_or: tl.constexpr):
-    """int32 `c | bits_or` read as fp32 (2^23 + c for bits_or = 0x4B000000)."""
-    return (c | bits_or).to(tl.float32, bitcast=True)
-
-
-@triton.jit
 def _load_words(ptrs, mask, EVEN_N: tl.constexpr):
     """A word tile as uint32 (logical shifts), 16-byte loads streamed with evict_first (read once).
 
@@ -58,12 +53,12 @@ def _code_chunk(words, J: tl.constexpr, BITS: tl.constexpr):
 
 
 @triton.jit
-def _gemv_chunk(words, hi, x_j, zf, code_mask, J: tl.constexpr, BITS: tl.constexpr):
-    """(x_j * 2^-p, (code - zero) * 2^p) in fp32 for chunk J, p its bit position in its half word.
+def _gemv_chunk(words, hi, zf, code_mask, J: tl.constexpr, BITS: tl.constexpr):
+    """code - zero in fp32 for chunk J, read where the code sits (bit p of its half word) without a shift.
 
-    The code stays where it is: (word & mask << p) | 2^23, read as fp32, is 2^23 + code * 2^p
-    (p + bits <= 16 < 23): one lop3, no shift (the upper half word is shifted once per word, `hi`).
-    Minus 2^23 + zero * 2^p it is (code - zero) * 2^p exactly; x takes the 2^-p (exact, a power of 2).
+    (word & mask << p) | (150 - p) << 23, read as fp32, is 2^(23-p) + code exactly: the exponent makes
+    mantissa bit p worth 1 (p + bits <= 16 < 23). Minus 2^(23-p) + zero it is code - zero. One lop3
+    and one fadd per weight; the upper half word is shifted once per word (`hi`).
     """
     Q: tl.constexpr = J * BITS
     PP: tl.constexpr = Q if Q < 16 else Q - 16
@@ -71,10 +66,8 @@ def _gemv_chunk(words, hi, x_j, zf, code_mask, J: tl.constexpr, BITS: tl.constex
         src = words
     else:
         src = hi
-    w = _magic_fp32(src & (code_mask << PP), 0x4B000000) - (8388608.0 + zf * (1 << PP))
-    if PP != 0:
-        x_j = x_j * (1.0 / (1 << PP))
-    return x_j, w
+    bits = (src & (code_mask << PP)) | ((150 - PP) << 23)
+    return bits.to(tl.float32, bitcast=True) - ((1 << (23 - PP)) + zf)
 
 
 @triton.jit
@@ -287,7 +280,7 @@ def _packed_gemv_kernel(
             if IS_MX:
                 w = _mx_fp16(_code_chunk(words, j, BITS)).to(tl.float32)
             else:
-                x_j, w = _gemv_chunk(words, hi, x_j, zf, code_mask, j, BITS)
+                w = _gemv_chunk(words, hi, zf, code_mask, j, BITS)
             if HOIST and ACC3:
                 part3 += x_j * w  # one FFMA per weight; summed over K once per block
             elif HOIST:
