@@ -59,7 +59,7 @@ def tune(dtypes: list[str], reps: int) -> Path:
             for m in M_TUNE_BUCKETS:
                 x = torch.randn(m, k, device=dev, dtype=dtype)
                 best = None
-                for tile in packed_candidates(m, kw.bits):
+                for tile in packed_candidates(m, kw.bits, kw.group, kw.is_mx):
                     try:
                         t = time_graph(lambda: packed_linear_triton(x, kw, config=tile), flush, reps=reps).median_us
                     except Exception as e:  # a tile that does not compile or fit is skipped, loudly

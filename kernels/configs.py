@@ -86,13 +86,19 @@ def is_interpreter() -> bool:
 GEMV_MAX_M = 2
 
 
-def packed_tile(m: int, bits: int = 4) -> TileConfig:
+def heavy_decode(bits: int, group: int, is_mx: bool) -> bool:
+    """Formats whose decode needs more registers: MXFP4, 2-bit (16 chunks a block) and groups smaller
+    than a pack block (a scale per 16-k chunk)."""
+    return is_mx or bits == 2 or (group != 0 and group % (32 // bits * 16) != 0)
+
+
+def packed_tile(m: int, bits: int = 4, group: int = 128, is_mx: bool = False) -> TileConfig:
     """Default tile of the packed weight-only GEMM for M rows (block_k is the layout's pack block).
 
     M <= GEMV_MAX_M: the GEMV path, 512 columns (4 warps x 32 threads x one 16-byte word vector
     each, so the sum over K stays inside a thread). Above: MMA tiles that grow with M; 16 x 256 with
-    4 warps is the M <= 16 tile with the fewest SASS instructions per weight, and none of these
-    spills (bench/sass.py; larger tiles such as 64 x 256 or 128 x 256 do).
+    4 warps is the M <= 16 tile with the fewest SASS instructions per weight. Every tile here is
+    spill-free on sm_90a for every format (bench/sass.py); 128 x 128 spills for heavy decodes.
     """
     if m <= GEMV_MAX_M and bits != 2:
         # 2-bit blocks are 16 chunks deep: every GEMV tile of them spills, so they take the MMA tile.
@@ -100,22 +106,24 @@ def packed_tile(m: int, bits: int = 4) -> TileConfig:
     if m <= 16:
         return TileConfig(16, 256, 0, num_warps=4, num_stages=4)
     if m <= 32:
-        return TileConfig(32, 256, 0, num_warps=4, num_stages=4)
+        return TileConfig(32, 256, 0, num_warps=8, num_stages=3)
     if m <= 64:
-        return TileConfig(64, 128, 0, num_warps=4, num_stages=4)
+        return TileConfig(64, 128, 0, num_warps=8, num_stages=3)
+    if heavy_decode(bits, group, is_mx):
+        return TileConfig(128, 64, 0, num_warps=8, num_stages=3)
     return TileConfig(128, 128, 0, num_warps=8, num_stages=3)
 
 
-def packed_candidates(m: int, bits: int = 4) -> list[TileConfig]:
+def packed_candidates(m: int, bits: int = 4, group: int = 128, is_mx: bool = False) -> list[TileConfig]:
     """Tiles the GPU tuner tries for M rows (the default first)."""
-    first = packed_tile(m, bits)
+    first = packed_tile(m, bits, group, is_mx)
     if m <= GEMV_MAX_M:
         more = [TileConfig(first.block_m, n, 0, w, s, 1) for n, w, s in
                 ((256, 2, 3), (512, 4, 4), (1024, 8, 3), (256, 4, 4))]
     elif m <= 64:
-        more = [TileConfig(first.block_m, n, 0, w, s) for n, w, s in ((128, 4, 4), (256, 4, 4), (128, 2, 4))]
+        more = [TileConfig(first.block_m, n, 0, w, s) for n, w, s in ((128, 4, 4), (256, 8, 3), (64, 4, 4))]
     else:
-        more = [TileConfig(bm, n, 0, w, s) for bm, n, w, s in ((64, 128, 4, 4), (128, 64, 4, 4), (64, 64, 4, 4))]
+        more = [TileConfig(bm, n, 0, w, s) for bm, n, w, s in ((64, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 4))]
     return [first] + [t for t in more if t != first]
 
 

@@ -39,7 +39,7 @@ def launch_plan(m: int, kw: KernelWeight, device: torch.device, config: TileConf
                 split_k: int | None = None) -> tuple[TileConfig, int]:
     """(tile, split_k) for an M-row call: pinned, tuned for this GPU, or the default rule."""
     if config is None:
-        config = packed_tile(m, kw.bits)
+        config = packed_tile(m, kw.bits, kw.group, kw.is_mx)
         if device.type == "cuda":
             from quantkit.kernels.tuning import tuned_tile
 

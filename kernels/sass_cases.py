@@ -16,7 +16,7 @@ PACKED_FORMATS = (("int4-g128", 4, 128, False, False), ("int4-g32-asym", 4, 32, 
                   ("int8-g128", 8, 128, False, False), ("mxfp4", 4, 32, True, False))
 BYTE_FORMATS = (("int2-g128", 2, 128, False), ("int3-g128", 3, 128, False), ("int4-g128", 4, 128, False),
                 ("int8-g128", 8, 128, False), ("mxfp4", 4, 32, True))
-PACKED_M = (1, 2, 4, 8, 16, 64, 256)  # the default tile of each (kernels/configs.packed_tile)
+PACKED_M = (1, 2, 16, 32, 64, 256)  # the default tile of each (kernels/configs.packed_tile)
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,7 @@ def _c(v) -> tuple:
 
 def packed_case(fmt: str, bits: int, group: int, is_mx: bool, has_zero: bool, m: int, dtype: str = "fp16",
                 tile: TileConfig | None = None, split_k: int = 1, use_asm: bool = False) -> Case:
-    tile = tile or packed_tile(m, bits)
+    tile = tile or packed_tile(m, bits, group, is_mx)
     args = dict(x_ptr=f"*{dtype}", w_ptr="*i32", s_ptr="*fp32" if is_mx else "*fp16",
                 z_ptr="*u8" if has_zero else "*fp16", b_ptr=f"*{dtype}", out_ptr=f"*{dtype}", ws_ptr="*fp32",
                 cnt_ptr="*i32", M=m if m > 1 else 3, N=N, K=K, n_blocks=K * bits // 32 // RB, stride_xm=K,
@@ -84,7 +84,7 @@ def byte_case(fmt: str, bits: int, group: int, is_mx: bool, tile: TileConfig) ->
 
 def aq_case(fmt: str, bits: int, group: int, a_group: int, is_mx: bool, tile: TileConfig) -> Case:
     """The integer GEMM (W8A8 / W4A4 / MXFP4 W4A4) as it stands."""
-    bk = min(tile.block_k, *(g for g in (group, a_group) if g))
+    bk = min([tile.block_k] + [g for g in (group, a_group) if g])
     tile = TileConfig(tile.block_m, tile.block_n, bk, tile.num_warps, tile.num_stages)
     args = dict(a_ptr="*i8", as_ptr="*fp32", w_ptr="*u8", s_ptr="*u8" if is_mx else "*fp16", z_ptr="*u8",
                 b_ptr="*fp16", out_ptr="*fp16", M=tile.block_m, N=N, K=K, M_BUCKET=tile.block_m, stride_am=K,
@@ -102,7 +102,7 @@ def packed_cases() -> list[Case]:
     the inline-asm variant of the W4A16 MMA tile for comparison."""
     out = []
     for f in PACKED_FORMATS:
-        tiles = {packed_tile(m, f[1]): m for m in PACKED_M}  # one case per distinct tile
+        tiles = {packed_tile(m, f[1], f[2], f[3]): m for m in PACKED_M}  # one case per distinct tile
         out += [packed_case(*f, m=m, dtype="fp16") for m in tiles.values()]
     out += [packed_case(*f, m=m, dtype="bf16") for f in PACKED_FORMATS for m in (1, 16)]
     out.append(packed_case(*PACKED_FORMATS[0], m=16, use_asm=True))

@@ -52,3 +52,14 @@ def test_w4a16_gemv_main_loop_within_4_instructions_per_weight(sass) -> None:
     assert not any(op.startswith(BYTE_LOADS) for op in r.loop_ops), r.weight_loads
     assert any(op.endswith(".128") for op in r.weight_loads), r.weight_loads
     assert "HMMA.16816.F32" not in r.loop_ops  # the GEMV path does not use the MMA
+
+
+@pytest.mark.parametrize("fmt", ["int4-g32-asym", "mxfp4"])
+@pytest.mark.parametrize("m", [64, 256])
+def test_large_tiles_of_heavy_decodes_do_not_spill(sass, fmt: str, m: int) -> None:
+    """Small groups and MXFP4 need the most registers; their default large-M tiles must still fit."""
+    from quantkit.kernels.sass_cases import PACKED_FORMATS, packed_case
+
+    case = packed_case(*next(f for f in PACKED_FORMATS if f[0] == fmt), m=m)
+    r = sass.analyze(case.name, case.compile(), case.weights_per_thread)
+    assert r.spill_bytes == 0, r.as_dict()
