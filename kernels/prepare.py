@@ -40,7 +40,7 @@ def cuda_fallbacks(root: nn.Module, dtype: torch.dtype | None = None) -> dict[st
             fused = None if rotation is None else rotation.fused_rotation()
             if act is not None and isinstance(mod, QuantConv2d):
                 act = act.along_last_dim()
-            choice = choose_linear_kernel(x, qw, act, fused if act is not None else None)
+            choice = choose_linear_kernel(x, qw, act, fused)  # the arguments forward() passes
             if choice.kernel is None:
                 out[name] = choice.reason
         elif isinstance(mod, QuantExperts):
