@@ -106,3 +106,23 @@ def test_repack_is_cached_per_weight() -> None:
     qw.packed.add_(0)  # a write to the codes (version bump) invalidates the packed copy
     kernels.qlinear(x, qw, backend="triton")
     assert qw.kernel_cache["packed"][1] is not first
+
+
+@pytest.mark.parametrize("spec", [FormatSpec(bits=4, granularity="group", group_size=128), FormatSpec.mxfp4()],
+                         ids=lambda s: s.short)
+def test_large_m_path_matches_reference(spec: FormatSpec) -> None:
+    """Above the crossover: dense W^T from the packed layout, then a plain matmul (cuBLAS on a GPU)."""
+    from quantkit.kernels.packed_linear import large_m_linear
+
+    qw = _qw(spec)
+    x = torch.randn(2, 70, K, dtype=torch.float16)
+    bias = torch.randn(N, dtype=torch.float16)
+    y = large_m_linear(x, repack(qw), bias)
+    assert y.shape == (2, 70, N)
+    assert rel_err(y, qlinear_reference(x, qw, bias)) < HALF_TOL
+
+
+def test_large_m_threshold_only_on_cuda() -> None:
+    """Off CUDA (the interpreter) no call takes the dequantize + cuBLAS path."""
+    qw = _qw(FormatSpec(bits=4, granularity="group", group_size=128))
+    assert weight_only.large_m_threshold(torch.randn(5000, K, dtype=torch.float16), qw) is None
