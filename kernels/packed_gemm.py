@@ -84,12 +84,6 @@ def _half_magic(c, MAGIC: tl.constexpr, DT: tl.constexpr, USE_ASM: tl.constexpr)
 
 
 @triton.jit
-def _mx_fp16(c):
-    """E2M1 codes (sign<<3 | idx) as fp16 equal to value * 2^-14 (idx << 9 is exactly that, subnormal for 0.5)."""
-    return (((c & 8) << 12) | ((c & 7) << 9)).to(tl.uint16).to(tl.float16, bitcast=True)
-
-
-@triton.jit
 def _load_zero_f(z_ptr, g, N, offs_n, mask_n, HAS_ZERO: tl.constexpr, SYM_OFFSET: tl.constexpr):
     """Zero point of group g as fp32 [1, BLOCK_N] (the implicit offset for symmetric codes)."""
     if HAS_ZERO:
@@ -98,11 +92,25 @@ def _load_zero_f(z_ptr, g, N, offs_n, mask_n, HAS_ZERO: tl.constexpr, SYM_OFFSET
 
 
 @triton.jit
-def _chunk_weights(c, DT: tl.constexpr, IS_MX: tl.constexpr, BITS: tl.constexpr, USE_ASM: tl.constexpr):
-    """Codes [RB, BLOCK_N] as MMA operands in DT: OFF + code (OFF: 1024 fp16, 128 bf16, 0 8-bit bf16), or the MXFP4 value * 2^-14."""
-    if IS_MX:
-        w = _mx_fp16(c).to(DT)
-    elif DT == tl.float16:
+def _mx_chunk_fp16(words, J: tl.constexpr):
+    """MXFP4 chunk J as fp16 value * 2^-14, moved straight from its nibble at bit q = 4J: idx to bits 9..11
+    and the sign to bit 15 (two shifts, one bit-select), instead of extracting the code first."""
+    Q: tl.constexpr = 4 * J
+    if Q <= 9:
+        a = words << (9 - Q)
+    else:
+        a = words >> (Q - 9)
+    if Q <= 12:
+        b = words << (12 - Q)
+    else:
+        b = words >> (Q - 12)
+    return ((a & 0x0E00) | (b & 0x8000)).to(tl.uint16).to(tl.float16, bitcast=True)
+
+
+@triton.jit
+def _chunk_weights(c, DT: tl.constexpr, BITS: tl.constexpr, USE_ASM: tl.constexpr):
+    """Int codes [RB, BLOCK_N] as MMA operands in DT: OFF + code (OFF: 1024 fp16, 128 bf16, 0 8-bit bf16)."""
+    if DT == tl.float16:
         w = _half_magic(c, 0x6400, tl.float16, USE_ASM)  # 1024 + code
     elif BITS < 8:
         w = _half_magic(c, 0x4300, tl.bfloat16, USE_ASM)  # 128 + code
@@ -146,7 +154,7 @@ def _mma_k_loop(x_rows, mask_m, w_cols, s_ptr, z_ptr, N, K, b_begin, b_end, offs
     the word columns w_cols [1, BLOCK_N], scales s_ptr / zeros z_ptr of one [G, N] weight."""
     P: tl.constexpr = 32 // BITS  # chunks per pack block
     KB: tl.constexpr = P * 16  # k per pack block (P * RB)
-    MX_FIX: tl.constexpr = 16384.0 if IS_MX else 1.0  # MXFP4 values come out of _mx_fp16 scaled by 2^-14
+    MX_FIX: tl.constexpr = 16384.0 if IS_MX else 1.0  # MXFP4 values come out of _mx_chunk_fp16 scaled by 2^-14
     offs_r = tl.arange(0, RB)  # [RB]
     mask_n1 = offs_n < N  # [BLOCK_N]
     mask_n = mask_n1[None, :]  # [1, BLOCK_N]
@@ -172,7 +180,10 @@ def _mma_k_loop(x_rows, mask_m, w_cols, s_ptr, z_ptr, N, K, b_begin, b_end, offs
             if not HOIST:  # a chunk lies inside one group (GROUP % RB == 0)
                 g = tl.minimum(k0 + j * RB, K - 1) // GROUP
                 zw = (_load_zero_f(z_ptr, g, N, offs_n, mask_n1, HAS_ZERO, SYM_OFFSET) + OFF).to(DT)[None, :]
-            w = _chunk_weights(_code_chunk(words, j, BITS), DT, IS_MX, BITS, USE_ASM)
+            if IS_MX:
+                w = _mx_chunk_fp16(words, j).to(DT)
+            else:
+                w = _chunk_weights(_code_chunk(words, j, BITS), DT, BITS, USE_ASM)
             if not IS_MX:
                 w = w - zw  # exact: code - zero
             if HOIST:
@@ -278,7 +289,7 @@ def _packed_gemv_kernel(
                 g = tl.minimum(k0 + j * RB, K - 1) // GROUP
                 zf = _load_zero_f(z_ptr, g, N, n3, mask_n3, HAS_ZERO, SYM_OFFSET)
             if IS_MX:
-                w = _mx_fp16(_code_chunk(words, j, BITS)).to(tl.float32)
+                w = _mx_chunk_fp16(words, j).to(tl.float32)
             else:
                 w = _gemv_chunk(words, hi, zf, code_mask, j, BITS)
             if HOIST and ACC3:
