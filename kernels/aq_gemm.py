@@ -56,6 +56,13 @@ def _aq_gemm_kernel(
             # instead of one byte load per code across rows.
             codes = tl.trans(tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :],
                                      mask=(offs_n[:, None] < N) & (offs_k[None, :] < K), other=0)).to(tl.int32)
+        elif BITS == 4:
+            # Two codes per byte: the same K-major tile of BLOCK_K/2 bytes, nibbles split and joined
+            # back in k order (low nibble first) in registers.
+            offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)  # [BLOCK_K/2] byte columns
+            b = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_b[None, :],
+                        mask=(offs_n[:, None] < N) & (offs_b[None, :] < (K + 1) // 2), other=0).to(tl.int32)
+            codes = tl.trans(tl.reshape(tl.join(b & 15, b >> 4), (BLOCK_N, BLOCK_K)))
         else:
             codes = load_codes(w_rows, offs_k, K, mask_n, BITS)  # [BLOCK_K, BLOCK_N]
         g = 0 if GROUP == 0 else k0 // GROUP
