@@ -100,8 +100,9 @@ def packed_tile(m: int, bits: int = 4, group: int = 128, is_mx: bool = False) ->
     4 warps is the M <= 16 tile with the fewest SASS instructions per weight. Every tile here is
     spill-free on sm_90a for every format (bench/sass.py); 128 x 128 spills for heavy decodes.
     """
-    if m <= GEMV_MAX_M and bits != 2:
-        # 2-bit blocks are 16 chunks deep: every GEMV tile of them spills, so they take the MMA tile.
+    if m <= GEMV_MAX_M and bits != 2 and not (is_mx and m > 1):
+        # 2-bit blocks are 16 chunks deep: every GEMV tile of them spills, so they take the MMA tile;
+        # so does a 2-row MXFP4 GEMV (its E2M1 decode holds more registers).
         return TileConfig(1 if m == 1 else 2, 512, 0, num_warps=4, num_stages=3, group_m=1)
     if m <= 16:
         return TileConfig(16, 256, 0, num_warps=4, num_stages=4)

@@ -61,6 +61,7 @@ def test_tile_rule_gemv_then_mma() -> None:
     assert packed_tile(1).block_m == 1 and packed_tile(GEMV_MAX_M).block_m < 16
     assert packed_tile(GEMV_MAX_M + 1).block_m == 16
     assert packed_tile(1, bits=2).block_m == 16  # every 2-bit GEMV tile spills
+    assert packed_tile(1, is_mx=True).block_m == 1 and packed_tile(2, is_mx=True).block_m == 16
     assert packed_tile(4096).block_m >= 64
 
 

@@ -55,7 +55,7 @@ def test_w4a16_gemv_main_loop_within_4_instructions_per_weight(sass) -> None:
 
 
 @pytest.mark.parametrize("fmt", ["int4-g32-asym", "mxfp4"])
-@pytest.mark.parametrize("m", [64, 256])
+@pytest.mark.parametrize("m", [2, 64, 256])
 def test_large_tiles_of_heavy_decodes_do_not_spill(sass, fmt: str, m: int) -> None:
     """Small groups and MXFP4 need the most registers; their default large-M tiles must still fit."""
     from quantkit.kernels.sass_cases import PACKED_FORMATS, packed_case
