@@ -49,6 +49,7 @@ def test_crossover_is_where_dense_wins_from_then_on() -> None:
 
 def test_grouped_gemm_baseline_is_the_moe_layer() -> None:
     """The MoE baseline (padded bmm per projection) computes the same layer as a per-expert loop."""
+    torch.manual_seed(0)
     e, h, inter, t, k = 4, 32, 16, 7, 2
     w_gu, w_dn = torch.randn(e, 2 * inter, h), torch.randn(e, h, inter)
     x = torch.randn(t, h)
@@ -60,4 +61,5 @@ def test_grouped_gemm_baseline_is_the_moe_layer() -> None:
             ex = idx[ti, s]
             g, u = (x[ti] @ w_gu[ex].T).chunk(2)
             ref[ti] += wts[ti, s] * ((F.silu(g) * u) @ w_dn[ex].T)
-    assert torch.allclose(grouped_gemm_baseline(x, idx, wts, w_gu, w_dn)(), ref, atol=1e-5)
+    # fp32 with outputs ~100: summation order differs (bmm vs vector-matrix), so a relative bound
+    assert torch.allclose(grouped_gemm_baseline(x, idx, wts, w_gu, w_dn)(), ref, rtol=1e-4, atol=1e-3)
