@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from quantkit.kernels.configs import GEMV_MAX_M, TileConfig, is_interpreter, packed_split_k, packed_tile
+from quantkit.kernels.configs import TileConfig, is_interpreter, packed_split_k, packed_tile
 from quantkit.kernels.packed_gemm import _packed_gemm_kernel, _packed_gemv_kernel
 from quantkit.kernels.packed_gemm import RB
 from quantkit.kernels.repack import KernelWeight
