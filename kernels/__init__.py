@@ -53,13 +53,13 @@ def qlinear(
     choice = choose_linear_kernel(x, qweight, act, rotation)
     used = pick_backend(choice, x.is_cuda, backend, f"{qweight.spec.short} with this activation quantizer")
     if used == "reference":
-        if x.is_cuda and choice.kernel is None:
+        if x.is_cuda and choice.kernel is None:  # warned at load (kernels/prepare.py); per call only at DEBUG
             log.debug("qlinear %s: reference (%s)", qweight.spec.short, choice.reason)
         return qlinear_reference(x, qweight, bias, act, rotation)
     if choice.kernel == "wo_gemm":
-        from quantkit.kernels.wo_gemm import wo_linear_triton
+        from quantkit.kernels.weight_only import weight_only_linear
 
-        return wo_linear_triton(x, qweight, bias)
+        return weight_only_linear(x, qweight, bias)
     from quantkit.kernels.aq_gemm import aq_linear_triton
 
     return aq_linear_triton(x, qweight, bias, act, rotation)
@@ -86,6 +86,13 @@ def qexperts(
             log.debug("qexperts %s: reference (%s)", gate_up.spec.short, choice.reason)
         return qexperts_reference(hidden, top_k_index, top_k_weights, gate_up, down, act_fn, act_in, act_mid,
                                   gate_up_bias, down_bias)
+    from quantkit.kernels.repack import cached_repack, repack_problem
+
+    if repack_problem(gate_up) is None and repack_problem(down) is None:
+        from quantkit.kernels.packed_moe import qexperts_packed
+
+        return qexperts_packed(hidden, top_k_index, top_k_weights, cached_repack(gate_up), cached_repack(down),
+                               act_fn, gate_up_bias, down_bias)
     from quantkit.kernels.moe import qexperts_triton
 
     return qexperts_triton(hidden, top_k_index, top_k_weights, gate_up, down, act_fn, None, None,

@@ -18,11 +18,16 @@ from quantkit.formats.spec import MX_BLOCK, FormatSpec
 from quantkit.kernels.triton_common import e2m1_twice, e8m0_scale, encode_e2m1, floor_log2, round_half_even
 
 
+SINGLE_MAX = 8192  # elements of one scale group kept in registers by one program (fp32: 64 per thread)
+GRID_CTAS = 512  # programs to aim for (about 4 per SM on an H100)
+
+
 @triton.jit
 def _int_act_quant_kernel(
     x_ptr, q_ptr, s_ptr, static_s_ptr,
     M, K, GS, stride_xm, stride_qm, stride_sm,
     QMAX: tl.constexpr, STATIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    SINGLE: tl.constexpr,
 ):
     # One program: BLOCK_M rows x one scale group [k_lo, k_lo + GS) (GS = K for per-token scales).
     pid_m = tl.program_id(0)
@@ -31,6 +36,20 @@ def _int_act_quant_kernel(
     mask_m = offs_m[:, None] < M  # [BLOCK_M, 1]
     k_lo = pid_g * GS
     k_hi = k_lo + GS
+    if SINGLE:  # the group fits one tile (BLOCK_K >= GS): read x once, keep it in registers
+        offs_k = k_lo + tl.arange(0, BLOCK_K)
+        mask = mask_m & (offs_k[None, :] < k_hi)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
+        if STATIC:
+            scale = tl.zeros((BLOCK_M,), tl.float32) + tl.load(static_s_ptr).to(tl.float32)
+        else:
+            scale = tl.div_rn(tl.max(tl.abs(x), axis=1), tl.full((BLOCK_M,), QMAX, tl.float32))
+            scale = tl.where(scale > 0, scale, 1.0)
+        y = tl.div_rn(x, tl.broadcast_to(scale[:, None], x.shape))
+        q = tl.minimum(tl.maximum(round_half_even(y), -QMAX - 1.0), QMAX * 1.0)
+        tl.store(q_ptr + offs_m[:, None] * stride_qm + offs_k[None, :], q.to(tl.int8), mask=mask)
+        tl.store(s_ptr + offs_m * stride_sm + pid_g, scale, mask=offs_m < M)
+        return
     if STATIC:
         scale = tl.zeros((BLOCK_M,), tl.float32) + tl.load(static_s_ptr).to(tl.float32)
     else:
@@ -89,10 +108,15 @@ def quantize_act_triton(
     static_scale: torch.Tensor | None = None,  # [] fp32: static per-tensor int scale
     rotation: torch.Tensor | None = None,  # [32, 32] or [K/32, 32, 32]: mxfp4 only
     *,
-    block_m: int = 16,
-    block_k: int = 128,
+    block_m: int | None = None,
+    block_k: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # (q int8 [M, K], scale fp32 [M, G])
-    """Quantize activations for the integer GEMM; same contract as quantize_act_reference."""
+    """Quantize activations for the integer GEMM; same contract as quantize_act_reference.
+
+    Int formats: a scale group of up to SINGLE_MAX elements is read once and kept in registers
+    (block_k pins the two-pass loop instead, for tests); rows per program shrink until the grid has
+    about GRID_CTAS programs, so M = 1024 is no longer 64 programs.
+    """
     m, k = x.shape
     if x.stride(-1) != 1:
         x = x.contiguous()
@@ -102,6 +126,7 @@ def quantize_act_triton(
         scale = torch.empty((m, nb), dtype=torch.float32, device=x.device)
         r = x if rotation is None else rotation.to(x.dtype).reshape(-1, 32, 32).contiguous()
         if m:
+            block_m = block_m or 16
             _mx_act_quant_kernel[(triton.cdiv(m, block_m), nb)](
                 x, r, q, scale, m, x.stride(0), q.stride(0), scale.stride(0),
                 0 if rotation is None or r.shape[0] == 1 else r.stride(0),
@@ -114,9 +139,16 @@ def quantize_act_triton(
     gs = k if spec.granularity in ("channel", "tensor") else int(spec.group_size)
     scale = torch.empty((m, k // gs), dtype=torch.float32, device=x.device)
     if m:
+        gs_p2 = triton.next_power_of_2(gs)
+        single = block_k is None and gs_p2 <= SINGLE_MAX
+        bk = gs_p2 if single else min(block_k or 128, gs_p2)
+        if block_m is None:
+            per_cta = max(1, SINGLE_MAX // gs_p2) if single else 16  # rows whose groups fit the registers
+            want = max(1, (m * (k // gs)) // GRID_CTAS)  # rows per program for ~GRID_CTAS programs
+            block_m = min(16, per_cta, 1 << (want.bit_length() - 1))
         _int_act_quant_kernel[(triton.cdiv(m, block_m), k // gs)](
             x, q, scale, scale if static_scale is None else static_scale.float().reshape(1),
             m, k, gs, x.stride(0), q.stride(0), scale.stride(0),
             QMAX=(1 << (spec.bits - 1)) - 1, STATIC=static_scale is not None,
-            BLOCK_M=block_m, BLOCK_K=min(block_k, triton.next_power_of_2(gs)))
+            BLOCK_M=block_m, BLOCK_K=bk, SINGLE=single)
     return q, scale

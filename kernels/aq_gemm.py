@@ -50,7 +50,21 @@ def _aq_gemm_kernel(
         offs_k = k0 + tl.arange(0, BLOCK_K)  # [BLOCK_K]
         a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :],
                     mask=mask_m & (offs_k[None, :] < K), other=0)  # [BLOCK_M, BLOCK_K] int8
-        codes = load_codes(w_rows, offs_k, K, mask_n, BITS)  # [BLOCK_K, BLOCK_N]
+        if BITS == 8:
+            # One code per byte: read the tile K-major as stored ([BLOCK_N, BLOCK_K], 16-byte loads
+            # along each row, straight into the MMA's shared-memory operand) and transpose it there,
+            # instead of one byte load per code across rows.
+            codes = tl.trans(tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :],
+                                     mask=(offs_n[:, None] < N) & (offs_k[None, :] < K), other=0)).to(tl.int32)
+        elif BITS == 4:
+            # Two codes per byte: the same K-major tile of BLOCK_K/2 bytes, nibbles split and joined
+            # back in k order (low nibble first) in registers.
+            offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)  # [BLOCK_K/2] byte columns
+            b = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_b[None, :],
+                        mask=(offs_n[:, None] < N) & (offs_b[None, :] < (K + 1) // 2), other=0).to(tl.int32)
+            codes = tl.trans(tl.reshape(tl.join(b & 15, b >> 4), (BLOCK_N, BLOCK_K)))
+        else:
+            codes = load_codes(w_rows, offs_k, K, mask_n, BITS)  # [BLOCK_K, BLOCK_N]
         g = 0 if GROUP == 0 else k0 // GROUP
         w_scale, zero = group_scale_zero(s_rows, z_rows, g, stride_sg, stride_zg, mask_n,
                                          IS_MX, HAS_ZERO, SYM_OFFSET)  # [1, BLOCK_N]

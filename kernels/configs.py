@@ -78,3 +78,62 @@ def is_interpreter() -> bool:
     import os
 
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# Packed kernels (kernels/packed_gemm.py): GEMV rows up to GEMV_MAX_M, the tiled MMA path above.
+# The GEMV path holds a [BLOCK_M, 16, BLOCK_N] fp32 accumulator: at 4+ rows it spills (bench/sass.py),
+# and the 16-row MMA tile then costs fewer instructions per weight than the GEMV's fp32 FFMAs.
+GEMV_MAX_M = 2
+
+
+def heavy_decode(bits: int, group: int, is_mx: bool) -> bool:
+    """Formats whose decode needs more registers: MXFP4, 2-bit (16 chunks a block) and groups smaller
+    than a pack block (a scale per 16-k chunk)."""
+    return is_mx or bits == 2 or (group != 0 and group % (32 // bits * 16) != 0)
+
+
+def packed_tile(m: int, bits: int = 4, group: int = 128, is_mx: bool = False) -> TileConfig:
+    """Default tile of the packed weight-only GEMM for M rows (block_k is the layout's pack block).
+
+    M <= GEMV_MAX_M: the GEMV path, 512 columns (4 warps x 32 threads x one 16-byte word vector
+    each, so the sum over K stays inside a thread). Above: MMA tiles that grow with M; 16 x 256 with
+    4 warps is the M <= 16 tile with the fewest SASS instructions per weight. Every tile here is
+    spill-free on sm_90a for every format (bench/sass.py); 128 x 128 spills for heavy decodes.
+    """
+    if m <= GEMV_MAX_M and bits != 2 and not (is_mx and m > 1):
+        # 2-bit blocks are 16 chunks deep: every GEMV tile of them spills, so they take the MMA tile;
+        # so does a 2-row MXFP4 GEMV (its E2M1 decode holds more registers).
+        return TileConfig(1 if m == 1 else 2, 512, 0, num_warps=4, num_stages=3, group_m=1)
+    if m <= 16:
+        return TileConfig(16, 256, 0, num_warps=4, num_stages=4)
+    if m <= 32:
+        return TileConfig(32, 256, 0, num_warps=8, num_stages=3)
+    if m <= 64:
+        return TileConfig(64, 128, 0, num_warps=8, num_stages=3)
+    if heavy_decode(bits, group, is_mx):
+        return TileConfig(128, 64, 0, num_warps=8, num_stages=3)
+    return TileConfig(128, 128, 0, num_warps=8, num_stages=3)
+
+
+def packed_candidates(m: int, bits: int = 4, group: int = 128, is_mx: bool = False) -> list[TileConfig]:
+    """Tiles the GPU tuner tries for M rows (the default first)."""
+    first = packed_tile(m, bits, group, is_mx)
+    if m <= GEMV_MAX_M:
+        more = [TileConfig(first.block_m, n, 0, w, s, 1) for n, w, s in
+                ((256, 2, 3), (512, 4, 4), (1024, 8, 3), (256, 4, 4))]
+    elif m <= 64:
+        more = [TileConfig(first.block_m, n, 0, w, s) for n, w, s in ((128, 4, 4), (256, 8, 3), (64, 4, 4))]
+    else:
+        more = [TileConfig(bm, n, 0, w, s) for bm, n, w, s in ((64, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 4))]
+    return [first] + [t for t in more if t != first]
+
+
+def packed_split_k(m: int, n: int, n_blocks: int, num_sms: int, tile: TileConfig) -> int:
+    """K slices for the packed kernel so at least ~2 CTAs per SM pull the weight stream.
+
+    Counts the CTAs the chosen tile gives; each slice keeps at least 2 pack blocks (the atomic
+    partial sums cost a round trip through L2). Large M has enough tiles already.
+    """
+    tiles = -(-m // tile.block_m) * -(-n // tile.block_n)
+    want = -(-(2 * num_sms) // tiles)
+    return max(1, min(want, n_blocks // 2, 32))

@@ -440,18 +440,20 @@ def zoo_train(
 @bench_app.command("kernels")
 def bench_kernels(
     kernels: Optional[str] = typer.Option(None, help="Comma-separated subset of kernels (default: all)."),
-    m: Optional[str] = typer.Option(None, help="Comma-separated token counts M (default 1,16,64,256,1024)."),
-    warmup: int = typer.Option(10, help="Untimed warm-up runs per case."),
-    iters: int = typer.Option(50, help="Timed runs per case; the median is reported (CUDA events)."),
+    m: Optional[str] = typer.Option(None, help="Comma-separated token counts M (default 1,2,4,...,1024,4096)."),
+    dtypes: Optional[str] = typer.Option(None, help="Comma-separated subset of fp16, bf16 (default: both)."),
+    reps: int = typer.Option(50, help="Timed runs per figure; the median is reported (L2 flushed before each)."),
     peak_gbps: Optional[float] = typer.Option(None, help="Peak DRAM bandwidth in GB/s (default: by GPU name)."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the rows to this JSON file."),
+    tune: bool = typer.Option(False, help="Also tune the packed kernels' tiles and large-M crossover for this GPU."),
 ) -> None:
-    """Time every Triton kernel against torch.matmul in fp16 on real-model shapes; print speedup and
-    achieved bandwidth as a fraction of peak. Needs a CUDA GPU."""
+    """Time every Triton kernel, kernel-only (CUDA graph) and end to end, against cuBLAS and torch's int4
+    kernel (MoE: a grouped GEMM) for fp16/bf16, outputs checked against the reference. Needs a CUDA GPU."""
     from quantkit.kernels.bench import main as bench_main
 
-    argv = ["--warmup", str(warmup), "--iters", str(iters)]
-    for flag, value in (("--kernels", kernels), ("--m", m), ("--peak-gbps", peak_gbps), ("--json", json_path)):
+    argv = ["--reps", str(reps)] + (["--tune"] if tune else [])
+    for flag, value in (("--kernels", kernels), ("--m", m), ("--dtypes", dtypes), ("--peak-gbps", peak_gbps),
+                        ("--json", json_path)):
         if value is not None:
             argv += [flag, str(value)]
     code = bench_main(argv)

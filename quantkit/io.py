@@ -328,6 +328,10 @@ def load_quantized_root(ckpt: Path, meta: dict[str, Any], device: str = "cpu") -
     if meta_left:
         raise QuantkitError(f"{ckpt}: tensor {meta_left[0]} was not filled by the checkpoint")
     root = root.to(device).eval()
+    if torch.device(device).type == "cuda":  # repack for the kernels once; warn about every fallback
+        from quantkit.kernels.prepare import prepare_for_cuda
+
+        prepare_for_cuda(root)
     install_step_clock(root)
     from quantkit.nn import fill_dense
 

@@ -46,8 +46,10 @@ def _view(module: nn.Module, shape: tuple[int, ...], spec: FormatSpec, prefix: s
     cache = None
     if module.cache_dequantized:
         cache = module.__dict__.setdefault("_dequant_cache", {}).setdefault(prefix, {})
+    kcache = module.__dict__.setdefault("_kernel_cache", {}).setdefault(prefix, {})
     return QuantizedWeight(getattr(module, prefix + "qweight"), getattr(module, prefix + "scale"),
-                           getattr(module, prefix + "zero"), shape, spec, cache, module._buffers.get(prefix + "dense"))
+                           getattr(module, prefix + "zero"), shape, spec, cache,
+                           dense=module._buffers.get(prefix + "dense"), kernel_cache=kcache)
 
 
 def fill_dense(root: nn.Module) -> int:
@@ -78,8 +80,9 @@ def _reference_on_cpu(module: nn.Module, x: torch.Tensor) -> bool:
 
 
 class _QuantModule(nn.Module):
-    # The pure-torch (CPU) path keeps one dense copy of the dequantized weight per module instead
-    # of unpacking codes on every call: faster, at the cost of that copy's memory. Set False to save it.
+    # The pure-torch CPU path keeps one dense copy of the dequantized weight per module instead of
+    # unpacking codes on every call: faster, at the cost of that copy's memory. Set False to save it.
+    # On CUDA there is no dense copy; the kernels keep a repacked copy of the codes (kernels/repack.py).
     cache_dequantized = True
 
 

@@ -36,6 +36,8 @@ class QuantizedWeight:
     # The dense weight filled once when a checkpoint is loaded (the owning module's non-persistent
     # buffer, see nn.fill_dense): used as is, with no per-call check, so torch.compile sees a plain input.
     dense: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    # Optional dict owned by a module for the kernels' own layout (kernels/repack.py): repacked once.
+    kernel_cache: dict | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def quantize(cls, w: torch.Tensor, spec: FormatSpec) -> "QuantizedWeight":
@@ -61,7 +63,9 @@ class QuantizedWeight:
         """Pure-torch reference dequantization to a dense [..., N, K] tensor."""
         if self.dense is not None:
             return self.dense.to(dtype)
-        if self.cache is None or torch.compiler.is_compiling():  # the keyed cache compares data pointers
+        # The keyed cache compares data pointers (not for torch.compile), and the dense copy is a CPU
+        # convenience only: on a GPU it would cost 4x the packed weight's memory.
+        if self.cache is None or torch.compiler.is_compiling() or self.packed.device.type != "cpu":
             return dequantize_codes(self.codes(), self.scale, self.zero, self.spec, dtype)
         key = (dtype, *[(t.data_ptr(), t._version) for t in self.tensors().values()])
         hit = self.cache.get("dense")
