@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 # Official DuQuant defaults (run.sh); DuQuant++ recipes set block 32, steps 128, permute false.
 DEFAULTS: dict[str, Any] = {
     "smooth": True, "alpha": 0.6, "rotate": True, "block": 128, "steps": 256, "permute": True,
-    "shared_rotation": False, "row_index_quirk": False, "rotation_seed": 0, "weight_clip": "mse",
+    "shared_rotation": True, "row_index_quirk": False, "rotation_seed": 0, "weight_clip": "mse",
     "gptq": False, "gptq_percdamp": 0.01, "rotate_router": True,
     "balance": "none", "expert_token_ratio": 2.0, "expert_token_target": None,
 }
@@ -128,11 +128,16 @@ class DuQuant(Method):
         finally:
             cap.remove()
         self.tokens_per_sample = max(1, sum(x.shape[0] for x in next(iter(cap.x.values()), [])) // len(ctx.inputs))
+        # Layers that read the very same input tensors (q/k/v, gate/up, router and shared experts) get
+        # one rotation, fitted once and stored once (the checkpoint ties the copies), as the official
+        # code copies q_proj's rotation to k_proj and v_proj.
+        self._rot_cache: dict[tuple, OnlineRotation | None] = {}
         out = {}
         for t in tasks:
             x = _Capture.cat(cap.x, t.name)
             if x is None:
                 raise QuantkitError(f"{t.name} received no calibration input; cannot quantize it with {self.name}")
+            self._input_key = tuple((c.data_ptr(), tuple(c.shape)) for c in cap.x[t.name])
             if t.kind == "linear":
                 out[t.name] = self.quantize_linear(t, x)
             elif t.kind == "router":
@@ -145,6 +150,7 @@ class DuQuant(Method):
             else:
                 log.warning("%s: %s has no %s path; round-to-nearest", t.name, t.kind, self.name)
                 out[t.name] = build_quantized(t)
+        self._input_key, self._rot_cache = None, {}
         return out
 
     def smooth(self, ctx: BlockContext, adapter) -> None:
@@ -171,16 +177,30 @@ class DuQuant(Method):
             return mse_clip_quantize(w, spec)
         return QuantizedWeight.quantize(w, spec)
 
-    def _rotated(self, x: torch.Tensor, w: torch.Tensor, parts: tuple | None) -> tuple[torch.Tensor, torch.Tensor, OnlineRotation | None]:
-        if parts is None:
+    def _shared_rotation(self, x: torch.Tensor) -> OnlineRotation | None:
+        """The rotation of the current layer's input, fitted once per distinct input."""
+        key = getattr(self, "_input_key", None)
+        cache = getattr(self, "_rot_cache", {})
+        if key is None or key not in cache:
+            parts = self.fit(x)
+            rot = None if parts is None else OnlineRotation.from_parts(x.shape[-1], *parts)
+            if key is None:
+                return rot
+            cache[key] = rot
+        return cache[key]
+
+    def _rotated(self, x: torch.Tensor, w: torch.Tensor, rot: OnlineRotation | tuple | None
+                 ) -> tuple[torch.Tensor, torch.Tensor, OnlineRotation | None]:
+        if rot is None:
             return x, w, None
-        rot = OnlineRotation.from_parts(*parts)
+        if isinstance(rot, tuple):
+            rot = OnlineRotation.from_parts(x.shape[-1], *rot)
         return rot(x), rot.transform_weight(w.detach()), rot
 
     @torch.no_grad()
     def quantize_linear(self, t: LayerTask, x: torch.Tensor) -> nn.Module:
         act = make_act(t.plan.activation, "linear")
-        xr, wr, rot = self._rotated(x, t.module.weight, self.fit(x))
+        xr, wr, rot = self._rotated(x, t.module.weight, self._shared_rotation(x))
         qw = self.quantize_weight(wr, t.plan.weight, act(xr) if act is not None else xr)
         q = QuantLinear.from_linear(t.module, t.plan.weight, act, qw)
         q.rotation = rot
@@ -189,8 +209,8 @@ class DuQuant(Method):
     @torch.no_grad()
     def quantize_router(self, t: LayerTask, x: torch.Tensor, idx: torch.Tensor | None) -> nn.Module:
         act = make_act(t.plan.activation, "linear")
-        parts = self.fit(x) if self.opt["rotate_router"] else None
-        xr, wr, rot = self._rotated(x, t.module.weight, parts)
+        rot = self._shared_rotation(x) if self.opt["rotate_router"] else None
+        xr, wr, rot = self._rotated(x, t.module.weight, rot)
         x_in = act(xr) if act is not None else xr
         qw, info = self.router_weight(wr, t.plan.weight, x_in, idx)
         q = QuantRouter.from_router(t.module, t.plan.weight, act, qw)
@@ -229,15 +249,15 @@ class DuQuant(Method):
         q = QuantExperts.from_experts(m, spec, act_in, act_mid, _stack(q_gu, tuple(gu.shape), spec),
                                       _stack(q_dn, tuple(dn.shape), spec))
         if self.opt["rotate"]:
-            q.rot_in = _stacked_rotation(r_in, n_exp)
-            q.rot_mid = _stacked_rotation(r_mid, n_exp)
+            q.rot_in = _stacked_rotation(r_in, n_exp, gu.shape[-1])
+            q.rot_mid = _stacked_rotation(r_mid, n_exp, dn.shape[-1])
         q.calibration_info = info
         log.info("%s: tokens per expert %s (target %d)", t.name, info["expert_tokens"], info["token_target"])
         return q
 
 
-def _stacked_rotation(parts: list[tuple], n_exp: int) -> OnlineRotation:
+def _stacked_rotation(parts: list[tuple], n_exp: int, k: int) -> OnlineRotation:
     rot1 = torch.stack([p[0] for p in parts])
     perm = None if parts[0][1] is None else torch.stack([p[1] for p in parts])
     rot2 = None if parts[0][2] is None else torch.stack([p[2] for p in parts])
-    return OnlineRotation.from_parts(rot1, perm, rot2, experts=n_exp)
+    return OnlineRotation.from_parts(k, rot1, perm, rot2, experts=n_exp)
