@@ -207,7 +207,8 @@ def test_dgq_weight_recon_from_the_shell(tmp_path):
     meta = json.loads((out / "quantization.json").read_text())
     assert meta["recipe"]["method_options"]["weight_recon"] is True
     stats = meta["reconstruction"]
-    assert stats and all(v["loss_end"] <= v["loss_start"] * 1.05 for v in stats.values())
+    # Reconstruction must lower every block's loss by a margin (measured at 20 iterations: 0.61-0.89).
+    assert len(stats) == 14 and all(v["loss_end"] < 0.95 * v["loss_start"] for v in stats.values()), stats
     r = cli("generate", out, "--prompt", "a red bus", "--n", "1", "--steps", "3", "--out", tmp_path / "g.png")
     assert r.exit_code == 0, r.output
     r = cli("quantize", "zoo:tiny-sd", "--recipe", "rtn-w8a8", "--weight-recon", "--out", tmp_path / "x")

@@ -142,3 +142,49 @@ def test_gptq_lowers_output_error(spec):
     assert err(qg) < err(rtn)
     # The stored codes dequantize to what GPTQ decided (re-quantizing is exact).
     assert torch.isfinite(qg.dequantize()).all()
+
+
+def _official_greedy(x, base, steps, row_index):
+    """The official DuQuant `rotation()` loop, re-derived from its semantics (shared matrix over
+    x.reshape(-1, n)): per step, find the arg-max and arg-min elements, take the larger in magnitude,
+    swap d = (its row index) % n [official] or its column [paper] into position 0, rotate by E_d R E_d;
+    keep the prefix of steps before the smallest max - min peak."""
+    n = base.shape[0]
+    w = x.double().reshape(-1, n).clone()
+    seq, peaks = [], []
+    for j in range(steps + 1):
+        r, c = divmod(int(w.argmax()), n)
+        r2, c2 = divmod(int(w.argmin()), n)
+        peaks.append(float(w[r, c] - w[r2, c2]))
+        if j == steps:
+            break
+        rr, cc = (r, c) if w[r, c].abs() > w[r2, c2].abs() else (r2, c2)
+        d = rr % n if row_index else cc
+        idx = list(range(n))
+        idx[0], idx[d] = d, 0
+        rd = base[idx][:, idx]
+        w = w @ rd
+        seq.append(rd)
+    k = min(range(len(peaks)), key=peaks.__getitem__)
+    total = torch.eye(n, dtype=torch.float64)
+    for rd in seq[:k]:
+        total = total @ rd
+    return total
+
+
+@pytest.mark.parametrize("quirk", [True, False], ids=["row_index_quirk", "paper"])
+def test_greedy_rotation_matches_the_official_loop(quirk):
+    from quantkit.quantizers.rotation import greedy_block_rotation
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(24, 64, generator=g)
+    x[3, 17] = 25.0  # token 3, channel 17: row 3 * 4 + 1 = 13 of the [-1, 16] view, column 1
+    x[10, 40] = -30.0
+    b, cfg = 16, RotationConfig(block=16, steps=12, shared=True, row_index_quirk=quirk, seed=0)
+    got = greedy_block_rotation(x.double(), cfg, b, torch.Generator().manual_seed(0))
+    base = base_rotation(b, torch.Generator().manual_seed(0))
+    want = _official_greedy(x, base, 12, row_index=quirk)
+    assert got.shape == (1, b, b)
+    assert torch.allclose(got[0], want, atol=1e-10)
+    other = _official_greedy(x, base, 12, row_index=not quirk)
+    assert not torch.allclose(want, other, atol=1e-3)  # the two semantics really differ on this input
