@@ -40,7 +40,8 @@ SETTINGS |= {
     "DuQuant++ +GPTQ MXFP4": ["--recipe", str(RECIPES / "duquantpp-gptq-mxfp4.yaml")],
 }
 # Issue 16: the data-agnostic rotation baseline (QuaRot-style randomized Hadamard + RTN).
-SETTINGS |= {"Hadamard W4A4": ["--recipe", "hadamard-w4a4"], "Hadamard MXFP4": ["--recipe", "hadamard-mxfp4"]}
+SETTINGS |= {"Hadamard W4A4": ["--recipe", "hadamard-w4a4"], "Hadamard MXFP4": ["--recipe", "hadamard-mxfp4"],
+             "EAQuant W4A4 forced balance": ["--recipe", str(RECIPES / "eaquant-w4a4-force.yaml")]}
 # Issue 6 rows: DGQ ablations at each width (full DGQ = the shipped dgq recipes).
 for w, a in ((8, 8), (8, 6), (4, 6), (8, 4)):
     bits = ["--wbits", str(w), "--abits", str(a)]

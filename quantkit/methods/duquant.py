@@ -21,7 +21,7 @@ from quantkit.formats.qweight import QuantizedWeight
 from quantkit.formats.spec import FormatSpec
 from quantkit.layers import LayerTask, build_quantized, make_act
 from quantkit.methods.base import BlockContext, Method, register
-from quantkit.methods.expert_balance import select_expert_tokens, token_target
+from quantkit.methods.expert_balance import BALANCE_MODES, select_expert_tokens, token_target
 from quantkit.nn import QuantExperts, QuantLinear
 from quantkit.quant_router import QuantRouter
 from quantkit.quantizers.clip_search import mse_clip_quantize
@@ -37,7 +37,7 @@ DEFAULTS: dict[str, Any] = {
     "smooth": True, "alpha": 0.6, "rotate": True, "block": 128, "steps": 256, "permute": True,
     "shared_rotation": True, "row_index_quirk": False, "rotation_seed": 0, "weight_clip": "mse",
     "gptq": False, "gptq_percdamp": 0.01, "rotate_router": True,
-    "balance": "none", "expert_token_ratio": 2.0, "expert_token_target": None,
+    "balance": "none", "expert_token_ratio": 2.0, "expert_token_target": None, "balance_pool": 4,
 }
 
 
@@ -103,6 +103,8 @@ class DuQuant(Method):
         if unknown:
             raise QuantkitError(f"unknown {self.name} option(s) {sorted(unknown)}; allowed: {', '.join(sorted(self.defaults))}")
         self.opt = {**self.defaults, **self.options}
+        if self.opt["balance"] not in BALANCE_MODES:
+            raise QuantkitError(f"balance must be one of {', '.join(BALANCE_MODES)}, got {self.opt['balance']!r}")
         if self.opt["weight_clip"] not in ("mse", "none"):
             raise QuantkitError(f"weight_clip must be 'mse' or 'none', got {self.opt['weight_clip']!r}")
         self.rot_cfg = RotationConfig(int(self.opt["block"]), int(self.opt["steps"]), bool(self.opt["permute"]),
@@ -111,6 +113,62 @@ class DuQuant(Method):
 
     def needs_calibration(self, tasks: list[LayerTask]) -> bool:
         return True
+
+    def build_calibration(self, loaded, steps, prompts_file, text_file, progress=None):
+        """balance "more_data": also draw balance_pool x calib_size further calibration samples, kept
+        aside and used only for experts under their token target (the paper's rule)."""
+        self._extra_calls = []
+        if self.opt["balance"] != "more_data":
+            return super().build_calibration(loaded, steps, prompts_file, text_file, progress)
+        from quantkit.calib.capture import calibration_calls
+
+        n = self.recipe.calib_size
+        calls = calibration_calls(loaded, n * (1 + int(self.opt["balance_pool"])), self.recipe.seed, steps,
+                                  prompts_file, text_file, progress=progress)
+        self._extra_calls = calls[n:]
+        return calls[:n]
+
+    @torch.no_grad()
+    def _extra_expert_tokens(self, ctx: BlockContext, tasks: list[LayerTask], cap: "_Capture") -> dict:
+        """For balance "more_data": {experts task: (x_extra, idx_extra)} from further calibration samples,
+        read chunk by chunk until every expert of the block reaches its target (or the pool runs out)."""
+        from quantkit.pipeline import capture_block_inputs
+
+        experts = [t for t in tasks if t.kind == "experts"]
+        extra_calls = getattr(self, "_extra_calls", [])
+        if not experts:
+            return {}
+        if not extra_calls:
+            log.warning("%s: balance more_data has no extra calibration samples (a --calib file was given?); "
+                        "experts under target use their natural tokens only", ctx.name)
+            return {}
+
+        def under(t, idx_parts) -> bool:
+            n_exp = t.module.gate_up_proj.shape[0]
+            target = self.opt["expert_token_target"]
+            if target is None:
+                target = token_target(idx_parts[0].shape[-1], n_exp, self.tokens_per_sample,
+                                      float(self.opt["expert_token_ratio"]))
+            idx = torch.cat(idx_parts)
+            return any(int((idx == e).any(-1).sum()) < target for e in range(n_exp))
+
+        got: dict[str, tuple[list, list]] = {t.name: ([], []) for t in experts}
+        chunk = max(1, len(ctx.calls or []) or self.recipe.calib_size)
+        for i in range(0, len(extra_calls), chunk):
+            todo = [t for t in experts if under(t, cap.idx[t.name] + got[t.name][1])]
+            if not todo:
+                break
+            inputs = capture_block_inputs(ctx.root, ctx.block, extra_calls[i:i + chunk])
+            c2 = _Capture(todo, {})
+            try:
+                for c in inputs:
+                    ctx.block(*c.args, **c.kwargs)
+            finally:
+                c2.remove()
+            for t in todo:
+                got[t.name][0].extend(c2.x.get(t.name, []))
+                got[t.name][1].extend(c2.idx.get(t.name, []))
+        return {n: (torch.cat(x), torch.cat(i)) for n, (x, i) in got.items() if x}
 
     # ---- the block ---------------------------------------------------------------------------
     def quantize_block(self, ctx: BlockContext) -> dict[str, nn.Module]:
@@ -132,6 +190,7 @@ class DuQuant(Method):
         # one rotation, fitted once and stored once (the checkpoint ties the copies), as the official
         # code copies q_proj's rotation to k_proj and v_proj.
         self._rot_cache: dict[tuple, OnlineRotation | None] = {}
+        extra = self._extra_expert_tokens(ctx, tasks, cap) if self.opt["balance"] == "more_data" else {}
         out = {}
         for t in tasks:
             x = _Capture.cat(cap.x, t.name)
@@ -146,7 +205,7 @@ class DuQuant(Method):
             elif t.kind == "experts":
                 local = t.name[len(ctx.name) + 1:] if ctx.name else t.name
                 logits = next((_Capture.cat(cap.logits, r) for r in routers if _parent(r) == _parent(local)), None)
-                out[t.name] = self.quantize_experts(t, x, _Capture.cat(cap.idx, t.name), logits)
+                out[t.name] = self.quantize_experts(t, x, _Capture.cat(cap.idx, t.name), logits, extra.get(t.name))
             else:
                 log.warning("%s: %s has no %s path; round-to-nearest", t.name, t.kind, self.name)
                 out[t.name] = build_quantized(t)
@@ -224,14 +283,18 @@ class DuQuant(Method):
         return self.quantize_weight(w, spec, x_in), None
 
     @torch.no_grad()
-    def quantize_experts(self, t: LayerTask, x: torch.Tensor, idx: torch.Tensor, logits: torch.Tensor | None) -> nn.Module:
+    def quantize_experts(self, t: LayerTask, x: torch.Tensor, idx: torch.Tensor, logits: torch.Tensor | None,
+                         extra: tuple[torch.Tensor, torch.Tensor] | None = None) -> nn.Module:
         m, spec = t.module, t.plan.weight
         gu, dn = m.gate_up_proj.detach(), m.down_proj.detach()
         n_exp = gu.shape[0]
         target = self.opt["expert_token_target"]
         if target is None:
             target = token_target(idx.shape[-1], n_exp, self.tokens_per_sample, float(self.opt["expert_token_ratio"]))
-        sel, info = select_expert_tokens(idx, logits, n_exp, int(target), self.opt["balance"], self.recipe.seed)
+        sel, info = select_expert_tokens(idx, logits, n_exp, int(target), self.opt["balance"], self.recipe.seed,
+                                         None if extra is None else extra[1])
+        if extra is not None:
+            x = torch.cat([x, extra[0]])  # extra tokens are only ever selected for experts under target
         act_in, act_mid = make_act(t.plan.activation, "experts"), make_act(t.plan.activation, "experts")
         q_gu, q_dn, r_in, r_mid = [], [], [], []
         for e in range(n_exp):

@@ -56,7 +56,8 @@ class ReconMethod(Method):
             self._fp_root = copy.deepcopy(ctx.root).eval()
         if ctx.inputs is None or ctx.calls is None or ctx.block is ctx.root:
             # Layers outside every block (rare; the default recipes skip them): calibrated RTN.
-            log.info("%s: no block to reconstruct for %d layers outside blocks; using RTN", self.name, len(tasks))
+            log.warning("%s: %d layers outside the blocks (e.g. %s) get calibrated round-to-nearest, not "
+                        "reconstruction", self.name, len(tasks), tasks[0].name if tasks else "-")
             return RTN(self.recipe).quantize_block(ctx)
         from quantkit.pipeline import capture_block_inputs
 

@@ -119,6 +119,33 @@ def test_expert_with_no_routed_tokens_is_handled_and_reported():
     assert info["expert_tokens_used"] == [4, 3, 2, 2]
 
 
+def test_more_data_balance_known_answer():
+    """The paper's rule: an expert under target gets tokens *naturally routed to it* in extra samples."""
+    idx = torch.tensor([[0, 1], [0, 1], [1, 0], [0, 2]])  # main tokens 0..3
+    extra = torch.tensor([[2, 3], [3, 0], [1, 2]])  # extra tokens 4..6
+    sel, info = select_expert_tokens(idx, None, 4, target=2, mode="more_data", extra_index=extra)
+    assert [s.tolist() for s in sel] == [[0, 1, 2, 3], [0, 1, 2], [3, 4], [4, 5]]
+    assert info["extra_tokens_added"] == [0, 0, 1, 2] and info["still_under_target"] == []
+    assert info["layer_input_fallback"] == [] and info["forced"] == []
+    sel, info = select_expert_tokens(idx, None, 4, target=3, mode="more_data", extra_index=extra[:1])
+    assert sel[3].tolist() == [4] and info["still_under_target"] == [2, 3]
+
+
+def test_more_data_balance_end_to_end_reads_further_samples():
+    loaded = load_model("zoo:tiny-mixtral")
+    rec = _recipe()
+    assert rec.method_options["balance"] == "more_data"
+    result = quantize_model(loaded, rec.replace(calib_size=2))
+    infos = [r["calibration"] for r in result.layers.values() if r["kind"] == "experts"]
+    added = [a for c in infos for a in c["extra_tokens_added"]]
+    assert sum(added) > 0  # the tiny model leaves some expert under target on 2 samples
+    for c in infos:
+        for e, (nat, used, add) in enumerate(zip(c["expert_tokens"], c["expert_tokens_used"], c["extra_tokens_added"])):
+            assert add == 0 or nat < c["token_target"]  # only experts under target get extra tokens
+            assert used == nat + add or e in c["layer_input_fallback"]
+            assert used <= max(nat, c["token_target"]) or e in c["layer_input_fallback"]
+
+
 @pytest.mark.parametrize("model,method", [("zoo:tiny-mixtral", "eaquant"), ("zoo:tiny-deepseek", "eaquant"),
                                           ("zoo:tiny-mixtral", "duquant")])
 def test_quantize_save_load_exact_with_rotations_and_quantized_router(model, method, tmp_path):
