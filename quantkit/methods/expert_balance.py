@@ -40,7 +40,7 @@ def select_expert_tokens(top_k_index: torch.Tensor, router_logits: torch.Tensor 
         raise ValueError(f"unknown expert balance {mode!r}; allowed: {', '.join(BALANCE_MODES)}")
     t = top_k_index.shape[0]
     gen = torch.Generator().manual_seed(seed)
-    natural, used, forced, fallback, added = [], [], [], [], []
+    natural, used, forced, fallback, added, short = [], [], [], [], [], []
     for e in range(num_experts):
         routed = (top_k_index == e).any(dim=-1)
         sel = torch.where(routed)[0]
@@ -51,6 +51,7 @@ def select_expert_tokens(top_k_index: torch.Tensor, router_logits: torch.Tensor 
             n_added = int(more.numel())
             sel = torch.cat([sel, more])
         added.append(n_added)
+        short.append(sel.numel() < target)
         if mode == "force" and sel.numel() < target and sel.numel() < t:
             if router_logits is not None:
                 order = torch.argsort(router_logits[:, e].float(), descending=True, stable=True)
@@ -69,7 +70,7 @@ def select_expert_tokens(top_k_index: torch.Tensor, router_logits: torch.Tensor 
     if mode == "more_data":
         info["extra_tokens_added"] = added
         info["extra_calibration_tokens"] = 0 if extra_index is None else int(extra_index.shape[0])
-        info["still_under_target"] = [e for e, u in enumerate(used) if u.numel() < target]
+        info["still_under_target"] = [e for e, s in enumerate(short) if s]  # after the extra samples
     if fallback:
         log.warning("experts %s got no calibration token; calibrated on the whole layer input", fallback)
     return used, info

@@ -129,6 +129,8 @@ def test_more_data_balance_known_answer():
     assert info["layer_input_fallback"] == [] and info["forced"] == []
     sel, info = select_expert_tokens(idx, None, 4, target=3, mode="more_data", extra_index=extra[:1])
     assert sel[3].tolist() == [4] and info["still_under_target"] == [2, 3]
+    sel, info = select_expert_tokens(idx, None, 5, target=1, mode="more_data", extra_index=extra)
+    assert info["still_under_target"] == [4] and info["layer_input_fallback"] == [4]  # never routed anywhere
 
 
 def test_more_data_balance_end_to_end_reads_further_samples():
