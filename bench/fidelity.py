@@ -25,10 +25,10 @@ SETTINGS = {
 RECIPES = Path(__file__).parent / "recipes"
 for b in (8, 4):
     SETTINGS |= {
-        f"RTN W{b}A8 static": ["--recipe", f"eda-dm-w{b}a8", "--method", "rtn"],
+        f"RTN W{b}A8 static": ["--recipe", f"eda-dm-w{b}a8-fast", "--method", "rtn"],
         f"Q-Diffusion W{b}A8": ["--recipe", str(RECIPES / f"qdiff-w{b}a8.yaml")],
-        f"EDA-DM W{b}A8": ["--recipe", f"eda-dm-w{b}a8"],
-        f"EDA-DM+FlexRound W{b}A8": ["--recipe", f"eda-dm-w{b}a8", "--rounding", "flexround"],
+        f"EDA-DM W{b}A8": ["--recipe", f"eda-dm-w{b}a8-fast"],
+        f"EDA-DM+FlexRound W{b}A8": ["--recipe", f"eda-dm-w{b}a8-fast", "--rounding", "flexround"],
     }
 SETTINGS["FlexRound W4A8"] = ["--recipe", "flexround-w4a8"]
 SETTINGS["TDAC+BRECQ W4A8"] = ["--recipe", str(RECIPES / "tdac-brecq-w4a8.yaml")]  # EDA-DM without FBR
@@ -39,6 +39,9 @@ SETTINGS |= {
     "DuQuant W3A4": ["--recipe", "duquant-w4a4", "--wbits", "3"],
     "DuQuant++ +GPTQ MXFP4": ["--recipe", str(RECIPES / "duquantpp-gptq-mxfp4.yaml")],
 }
+# Issue 16: the data-agnostic rotation baseline (QuaRot-style randomized Hadamard + RTN).
+SETTINGS |= {"Hadamard W4A4": ["--recipe", "hadamard-w4a4"], "Hadamard MXFP4": ["--recipe", "hadamard-mxfp4"],
+             "EAQuant W4A4 forced balance": ["--recipe", str(RECIPES / "eaquant-w4a4-force.yaml")]}
 # Issue 6 rows: DGQ ablations at each width (full DGQ = the shipped dgq recipes).
 for w, a in ((8, 8), (8, 6), (4, 6), (8, 4)):
     bits = ["--wbits", str(w), "--abits", str(a)]

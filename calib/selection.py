@@ -191,7 +191,7 @@ class CalibrationSet:
 
 
 def select_calibration(loaded: Any, method: str = "eda-dm", size: int = 64, seed: int = 0, steps: int = 20,
-                       prompts: list[str] | None = None, guidance: float | None = None, lamda: float = 1.0,
+                       prompts: list[str] | None = None, guidance: float | None = None, lamda: float = 5.0,
                        radius: float | None = None, batch: int = 16,
                        progress: Progress | None = None) -> CalibrationSet:
     """Run the FP sampler on `size` trajectories and pick one (x_t, t, c) sample from each."""

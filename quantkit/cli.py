@@ -254,6 +254,9 @@ def inspect(
         console.print(f"params quantized {t['params_quantized']:,} / {t['params_total']:,} "
                       f"({100 * t['fraction_quantized']:.1f}%), {t['bits_per_weight_quantized']:.3f} bits per "
                       f"quantized weight, {t['bytes']:,} bytes, {t['compression_vs_fp16']:.2f}x smaller than fp16")
+        parts = t["bits_per_weight_by_part"]
+        console.print(f"bits per quantized weight by part: codes+scales {parts['weight']:.4f}, rotations/permutations "
+                      f"{parts['rotation']:.4f}, other (bias, activation parameters) {parts['other']:.4f}")
 
 
 @app.command()

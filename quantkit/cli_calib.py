@@ -17,7 +17,8 @@ def select(
     size: int = typer.Option(64, help="Samples to select (one per sampler trajectory)."),
     steps: Optional[int] = typer.Option(None, help="Sampler steps (default: the model's eval profile, else 20)."),
     guidance: Optional[float] = typer.Option(None, help="Classifier-free guidance (default: the eval profile's)."),
-    lamda: float = typer.Option(1.0, help="TDAC: weight of diversity against density (w = D + lamda V)."),
+    lamda: float = typer.Option(5.0, help="TDAC: weight of diversity against density (w = D + lamda V); 5.0 is the "
+                                "paper's text-to-image value."),
     radius: Optional[float] = typer.Option(None, help="TDAC density radius r (default: median pairwise distance)."),
     batch: int = typer.Option(16, help="Trajectories sampled per batch (TDAC scores the first batch)."),
     prompts: Optional[Path] = typer.Option(None, "--calib-prompts", "--prompts",

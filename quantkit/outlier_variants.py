@@ -14,6 +14,8 @@ OUTLIER_FACTOR = 40.0
 OUTLIER_CHANNELS = 2
 OUTLIER_SEED = 0
 SUFFIX = "-outliers"
+# zoo:NAME-down-outliers (MoE LMs): the norm-gain outliers plus channel outliers in every down-projection input.
+DOWN_SUFFIX = "-down-outliers"
 
 
 def _cache() -> Path:
@@ -21,12 +23,15 @@ def _cache() -> Path:
 
 
 def build_outlier_variant(source: str, out: Path, factor: float = OUTLIER_FACTOR,
-                          channels: int = OUTLIER_CHANNELS, seed: int = OUTLIER_SEED) -> dict:
+                          channels: int = OUTLIER_CHANNELS, seed: int = OUTLIER_SEED, kind: str = "norm") -> dict:
     """Write `source` with planted outliers to `out` (same format as the source folder)."""
     from quantkit.models import load_model
 
     loaded = load_model(source)
-    info = loaded.adapter.add_outliers(loaded.root, factor, channels, seed)
+    if kind == "norm":
+        info = loaded.adapter.add_outliers(loaded.root, factor, channels, seed)
+    else:
+        info = loaded.adapter.add_outliers(loaded.root, factor, channels, seed, kind=kind)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(loaded.path, tmp)
@@ -42,11 +47,11 @@ def build_outlier_variant(source: str, out: Path, factor: float = OUTLIER_FACTOR
     return info
 
 
-def outlier_variant_path(base: str) -> Path:
-    """Folder of zoo:BASE-outliers, built into $QUANTKIT_CACHE/outliers on first use."""
-    out = _cache() / f"{base}{SUFFIX}"
+def outlier_variant_path(base: str, suffix: str = SUFFIX) -> Path:
+    """Folder of zoo:BASE-outliers (or BASE-down-outliers), built into $QUANTKIT_CACHE/outliers on first use."""
+    out = _cache() / f"{base}{suffix}"
     if not (out / "outliers.json").exists():
-        log.info("building zoo:%s%s into %s", base, SUFFIX, out)
+        log.info("building zoo:%s%s into %s", base, suffix, out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        build_outlier_variant(f"zoo:{base}", out)
+        build_outlier_variant(f"zoo:{base}", out, kind="down" if suffix == DOWN_SUFFIX else "norm")
     return out

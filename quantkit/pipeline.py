@@ -110,6 +110,8 @@ def quantize_model(loaded: LoadedModel, recipe: Recipe, *, calib_prompts: str | 
                        "steps": calib_steps if loaded.is_pipeline else None,
                        "prompts": calib_prompts or ("builtin" if loaded.is_pipeline else None),
                        "text": calib_text or ("builtin" if adapter.kind == "lm" else None)}
+        if getattr(method, "selection_provenance", None):  # e.g. EDA-DM's TDAC allocation
+            calibration["selection"] = method.selection_provenance
     blocks = adapter.blocks(root)
     block_names = [n for n, _ in blocks]
     by_block: dict[str, list[LayerTask]] = {}

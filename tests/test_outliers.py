@@ -30,3 +30,24 @@ def test_outlier_variant_is_function_preserving(name):
     a, b = forward(base.adapter, base.root), forward(var.adapter, var.root)
     torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
     assert _max_over_median(var.root, var.adapter) > 3 * _max_over_median(base.root, base.adapter)
+
+
+@pytest.mark.parametrize("name", ["tiny-mixtral", "tiny-deepseek"])
+def test_down_projection_outlier_variant_is_function_preserving(name):
+    """-down-outliers: norm-gain outliers plus channel outliers in the experts' (and dense/shared MLPs')
+    down-projection inputs; the FP function is unchanged."""
+    from quantkit.adapters import is_fused_experts
+
+    base = load_model(f"zoo:{name}")
+    var = load_model(f"zoo:{name}-down-outliers")
+    a, b = forward(base.adapter, base.root), forward(var.adapter, var.root)
+    torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+
+    def down_input_ratio(root):  # max/median channel magnitude of expert 0's SwiGLU output
+        m = next(m for m in root.modules() if is_fused_experts(m))
+        x = torch.randn(64, m.gate_up_proj.shape[-1], generator=torch.Generator().manual_seed(0))
+        g, u = (x @ m.gate_up_proj[0].T).chunk(2, dim=-1)
+        ch = (m.act_fn(g) * u).abs().amax(0)
+        return (ch.max() / ch.median()).item()
+
+    assert down_input_ratio(var.root) > 5 * down_input_ratio(base.root)

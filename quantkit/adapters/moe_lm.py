@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from quantkit.adapters.base import CallArgs, ModelAdapter, is_fused_experts
-from quantkit.adapters.outliers import norm_gain_outliers, pick_channels
+from quantkit.adapters.outliers import down_proj_input_outliers, norm_gain_outliers, pick_channels
 
 ROUTER_NAMES = ("gate", "router", "shared_expert_gate")
 # Linears that read the normalized residual stream directly (so a norm's gain can be folded into them).
@@ -62,16 +62,20 @@ class CausalLMAdapter(ModelAdapter):
             pairs.append((norm, weights))
         return pairs
 
-    def add_outliers(self, root: nn.Module, factor: float, channels: int, seed: int) -> dict:
-        """Scale `channels` hidden channels of every decoder norm's gain by `factor`, dividing the input
-        columns of the projections, routers and experts that read it."""
+    def add_outliers(self, root: nn.Module, factor: float, channels: int, seed: int, kind: str = "norm") -> dict:
+        """kind "norm": scale `channels` hidden channels of every decoder norm's gain by `factor`, dividing
+        the input columns of the projections, routers and experts that read it. kind "down": that plus
+        channel outliers in every down-projection input (which no norm-folded smoothing can undo)."""
         idx = pick_channels(root.config.hidden_size, channels, seed)
         edited = 0
         for _, layer in self.blocks(root):
             for norm, weights in self.norm_consumers(layer):
                 norm_gain_outliers(norm, weights, idx, factor)
                 edited += 1
-        return {"kind": "norm-gain", "factor": factor, "channels": idx.tolist(), "norms": edited}
+        info = {"kind": "norm-gain", "factor": factor, "channels": idx.tolist(), "norms": edited}
+        if kind == "down":
+            info.update(kind="norm-gain+down-proj-input", down_proj=down_proj_input_outliers(root, factor, channels, seed + 1))
+        return info
 
     def synthetic_inputs(self, root: nn.Module, n: int, seed: int) -> list[CallArgs]:
         g = torch.Generator().manual_seed(seed)

@@ -75,3 +75,31 @@ def geglu_outliers(root: nn.Module, factor: float, channels: int, seed: int) -> 
             scale_input_columns(nxt.weight, idx, factor)
             edited += 1
     return {"geglu": edited}
+
+
+@torch.no_grad()
+def down_proj_input_outliers(root: nn.Module, factor: float, channels: int, seed: int) -> dict:
+    """Channel outliers in every SwiGLU down-projection input: the up-projection's output channels
+    times factor (h = act(g) * u is linear in u), the down-projection's matching columns divided by it.
+    Fused experts (gate_up_proj [E, 2I, H] = [gate; up], down_proj [E, H, I]) and plain
+    up_proj/down_proj MLPs (dense layers, shared experts). No norm sits before a down projection, so
+    smoothing folded into norms cannot undo these; the DuQuant papers' "massive" outliers live here."""
+    from quantkit.adapters.base import is_fused_experts
+
+    fused = dense = 0
+    for m in root.modules():
+        if is_fused_experts(m):
+            inter = m.down_proj.shape[-1]
+            idx = pick_channels(inter, channels, seed)
+            m.gate_up_proj[:, inter + idx, :] *= factor
+            bias = getattr(m, "gate_up_proj_bias", None)
+            if bias is not None:
+                bias[:, inter + idx] *= factor
+            scale_input_columns(m.down_proj, idx, factor)
+            fused += 1
+        elif isinstance(getattr(m, "up_proj", None), nn.Linear) and isinstance(getattr(m, "down_proj", None), nn.Linear):
+            idx = pick_channels(m.up_proj.out_features, channels, seed)
+            scale_rows(m.up_proj, idx, factor)
+            scale_input_columns(m.down_proj.weight, idx, factor)
+            dense += 1
+    return {"fused_experts": fused, "dense_mlps": dense}

@@ -21,7 +21,7 @@ from quantkit.formats.qweight import QuantizedWeight
 from quantkit.formats.spec import FormatSpec
 from quantkit.layers import LayerTask, build_quantized, make_act
 from quantkit.methods.base import BlockContext, Method, register
-from quantkit.methods.expert_balance import select_expert_tokens, token_target
+from quantkit.methods.expert_balance import BALANCE_MODES, select_expert_tokens, token_target
 from quantkit.nn import QuantExperts, QuantLinear
 from quantkit.quant_router import QuantRouter
 from quantkit.quantizers.clip_search import mse_clip_quantize
@@ -35,9 +35,9 @@ log = logging.getLogger(__name__)
 # Official DuQuant defaults (run.sh); DuQuant++ recipes set block 32, steps 128, permute false.
 DEFAULTS: dict[str, Any] = {
     "smooth": True, "alpha": 0.6, "rotate": True, "block": 128, "steps": 256, "permute": True,
-    "shared_rotation": False, "row_index_quirk": False, "rotation_seed": 0, "weight_clip": "mse",
+    "shared_rotation": True, "row_index_quirk": False, "rotation_seed": 0, "weight_clip": "mse",
     "gptq": False, "gptq_percdamp": 0.01, "rotate_router": True,
-    "balance": "none", "expert_token_ratio": 2.0, "expert_token_target": None,
+    "balance": "none", "expert_token_ratio": 2.0, "expert_token_target": None, "balance_pool": 4,
 }
 
 
@@ -107,6 +107,8 @@ class DuQuant(Method):
         if unknown:
             raise QuantkitError(f"unknown {self.name} option(s) {sorted(unknown)}; allowed: {', '.join(sorted(self.defaults))}")
         self.opt = {**self.defaults, **self.options}
+        if self.opt["balance"] not in BALANCE_MODES:
+            raise QuantkitError(f"balance must be one of {', '.join(BALANCE_MODES)}, got {self.opt['balance']!r}")
         if self.opt["weight_clip"] not in ("mse", "none"):
             raise QuantkitError(f"weight_clip must be 'mse' or 'none', got {self.opt['weight_clip']!r}")
         self.rot_cfg = RotationConfig(int(self.opt["block"]), int(self.opt["steps"]), bool(self.opt["permute"]),
@@ -115,6 +117,62 @@ class DuQuant(Method):
 
     def needs_calibration(self, tasks: list[LayerTask]) -> bool:
         return True
+
+    def build_calibration(self, loaded, steps, prompts_file, text_file, progress=None):
+        """balance "more_data": also draw balance_pool x calib_size further calibration samples, kept
+        aside and used only for experts under their token target (the paper's rule)."""
+        self._extra_calls = []
+        if self.opt["balance"] != "more_data":
+            return super().build_calibration(loaded, steps, prompts_file, text_file, progress)
+        from quantkit.calib.capture import calibration_calls
+
+        n = self.recipe.calib_size
+        calls = calibration_calls(loaded, n * (1 + int(self.opt["balance_pool"])), self.recipe.seed, steps,
+                                  prompts_file, text_file, progress=progress)
+        self._extra_calls = calls[n:]
+        return calls[:n]
+
+    @torch.no_grad()
+    def _extra_expert_tokens(self, ctx: BlockContext, tasks: list[LayerTask], cap: "_Capture") -> dict:
+        """For balance "more_data": {experts task: (x_extra, idx_extra)} from further calibration samples,
+        read chunk by chunk until every expert of the block reaches its target (or the pool runs out)."""
+        from quantkit.pipeline import capture_block_inputs
+
+        experts = [t for t in tasks if t.kind == "experts"]
+        extra_calls = getattr(self, "_extra_calls", [])
+        if not experts:
+            return {}
+        if not extra_calls:
+            log.warning("%s: balance more_data has no extra calibration samples (a --calib file was given?); "
+                        "experts under target use their natural tokens only", ctx.name)
+            return {}
+
+        def under(t, idx_parts) -> bool:
+            n_exp = t.module.gate_up_proj.shape[0]
+            target = self.opt["expert_token_target"]
+            if target is None:
+                target = token_target(idx_parts[0].shape[-1], n_exp, self.tokens_per_sample,
+                                      float(self.opt["expert_token_ratio"]))
+            idx = torch.cat(idx_parts)
+            return any(int((idx == e).any(-1).sum()) < target for e in range(n_exp))
+
+        got: dict[str, tuple[list, list]] = {t.name: ([], []) for t in experts}
+        chunk = max(1, len(ctx.calls or []) or self.recipe.calib_size)
+        for i in range(0, len(extra_calls), chunk):
+            todo = [t for t in experts if under(t, cap.idx[t.name] + got[t.name][1])]
+            if not todo:
+                break
+            inputs = capture_block_inputs(ctx.root, ctx.block, extra_calls[i:i + chunk])
+            c2 = _Capture(todo, {})
+            try:
+                for c in inputs:
+                    ctx.block(*c.args, **c.kwargs)
+            finally:
+                c2.remove()
+            for t in todo:
+                got[t.name][0].extend(c2.x.get(t.name, []))
+                got[t.name][1].extend(c2.idx.get(t.name, []))
+        return {n: (torch.cat(x), torch.cat(i)) for n, (x, i) in got.items() if x}
 
     # ---- the block ---------------------------------------------------------------------------
     def quantize_block(self, ctx: BlockContext) -> dict[str, nn.Module]:
@@ -132,11 +190,17 @@ class DuQuant(Method):
         finally:
             cap.remove()
         self.tokens_per_sample = max(1, sum(x.shape[0] for x in next(iter(cap.x.values()), [])) // len(ctx.inputs))
+        # Layers that read the very same input tensors (q/k/v, gate/up, router and shared experts) get
+        # one rotation, fitted once and stored once (the checkpoint ties the copies), as the official
+        # code copies q_proj's rotation to k_proj and v_proj.
+        self._rot_cache: dict[tuple, OnlineRotation | None] = {}
+        extra = self._extra_expert_tokens(ctx, tasks, cap) if self.opt["balance"] == "more_data" else {}
         out = {}
         for t in tasks:
             x = _Capture.cat(cap.x, t.name)
             if x is None:
                 raise QuantkitError(f"{t.name} received no calibration input; cannot quantize it with {self.name}")
+            self._input_key = tuple((c.data_ptr(), tuple(c.shape)) for c in cap.x[t.name])
             if t.kind == "linear":
                 out[t.name] = self.quantize_linear(t, x)
             elif t.kind == "router":
@@ -145,10 +209,11 @@ class DuQuant(Method):
             elif t.kind == "experts":
                 local = t.name[len(ctx.name) + 1:] if ctx.name else t.name
                 logits = next((_Capture.cat(cap.logits, r) for r in routers if _parent(r) == _parent(local)), None)
-                out[t.name] = self.quantize_experts(t, x, _Capture.cat(cap.idx, t.name), logits)
+                out[t.name] = self.quantize_experts(t, x, _Capture.cat(cap.idx, t.name), logits, extra.get(t.name))
             else:
                 log.warning("%s: %s has no %s path; round-to-nearest", t.name, t.kind, self.name)
                 out[t.name] = build_quantized(t)
+        self._input_key, self._rot_cache = None, {}
         return out
 
     def smooth(self, ctx: BlockContext, adapter) -> None:
@@ -175,16 +240,30 @@ class DuQuant(Method):
             return mse_clip_quantize(w, spec)
         return QuantizedWeight.quantize(w, spec)
 
-    def _rotated(self, x: torch.Tensor, w: torch.Tensor, parts: tuple | None) -> tuple[torch.Tensor, torch.Tensor, OnlineRotation | None]:
-        if parts is None:
+    def _shared_rotation(self, x: torch.Tensor) -> OnlineRotation | None:
+        """The rotation of the current layer's input, fitted once per distinct input."""
+        key = getattr(self, "_input_key", None)
+        cache = getattr(self, "_rot_cache", {})
+        if key is None or key not in cache:
+            parts = self.fit(x)
+            rot = None if parts is None else OnlineRotation.from_parts(x.shape[-1], *parts)
+            if key is None:
+                return rot
+            cache[key] = rot
+        return cache[key]
+
+    def _rotated(self, x: torch.Tensor, w: torch.Tensor, rot: OnlineRotation | tuple | None
+                 ) -> tuple[torch.Tensor, torch.Tensor, OnlineRotation | None]:
+        if rot is None:
             return x, w, None
-        rot = OnlineRotation.from_parts(*parts)
+        if isinstance(rot, tuple):
+            rot = OnlineRotation.from_parts(x.shape[-1], *rot)
         return rot(x), rot.transform_weight(w.detach()), rot
 
     @torch.no_grad()
     def quantize_linear(self, t: LayerTask, x: torch.Tensor) -> nn.Module:
         act = make_act(t.plan.activation, "linear")
-        xr, wr, rot = self._rotated(x, t.module.weight, self.fit(x))
+        xr, wr, rot = self._rotated(x, t.module.weight, self._shared_rotation(x))
         qw = self.quantize_weight(wr, t.plan.weight, act(xr) if act is not None else xr)
         q = QuantLinear.from_linear(t.module, t.plan.weight, act, qw)
         q.rotation = rot
@@ -193,8 +272,8 @@ class DuQuant(Method):
     @torch.no_grad()
     def quantize_router(self, t: LayerTask, x: torch.Tensor, idx: torch.Tensor | None) -> nn.Module:
         act = make_act(t.plan.activation, "linear")
-        parts = self.fit(x) if self.opt["rotate_router"] else None
-        xr, wr, rot = self._rotated(x, t.module.weight, parts)
+        rot = self._shared_rotation(x) if self.opt["rotate_router"] else None
+        xr, wr, rot = self._rotated(x, t.module.weight, rot)
         x_in = act(xr) if act is not None else xr
         qw, info = self.router_weight(wr, t.plan.weight, x_in, idx)
         q = QuantRouter.from_router(t.module, t.plan.weight, act, qw)
@@ -208,14 +287,18 @@ class DuQuant(Method):
         return self.quantize_weight(w, spec, x_in), None
 
     @torch.no_grad()
-    def quantize_experts(self, t: LayerTask, x: torch.Tensor, idx: torch.Tensor, logits: torch.Tensor | None) -> nn.Module:
+    def quantize_experts(self, t: LayerTask, x: torch.Tensor, idx: torch.Tensor, logits: torch.Tensor | None,
+                         extra: tuple[torch.Tensor, torch.Tensor] | None = None) -> nn.Module:
         m, spec = t.module, t.plan.weight
         gu, dn = m.gate_up_proj.detach(), m.down_proj.detach()
         n_exp = gu.shape[0]
         target = self.opt["expert_token_target"]
         if target is None:
             target = token_target(idx.shape[-1], n_exp, self.tokens_per_sample, float(self.opt["expert_token_ratio"]))
-        sel, info = select_expert_tokens(idx, logits, n_exp, int(target), self.opt["balance"], self.recipe.seed)
+        sel, info = select_expert_tokens(idx, logits, n_exp, int(target), self.opt["balance"], self.recipe.seed,
+                                         None if extra is None else extra[1])
+        if extra is not None:
+            x = torch.cat([x, extra[0]])  # extra tokens are only ever selected for experts under target
         act_in, act_mid = make_act(t.plan.activation, "experts"), make_act(t.plan.activation, "experts")
         q_gu, q_dn, r_in, r_mid = [], [], [], []
         for e in range(n_exp):
@@ -233,15 +316,15 @@ class DuQuant(Method):
         q = QuantExperts.from_experts(m, spec, act_in, act_mid, _stack(q_gu, tuple(gu.shape), spec),
                                       _stack(q_dn, tuple(dn.shape), spec))
         if self.opt["rotate"]:
-            q.rot_in = _stacked_rotation(r_in, n_exp)
-            q.rot_mid = _stacked_rotation(r_mid, n_exp)
+            q.rot_in = _stacked_rotation(r_in, n_exp, gu.shape[-1])
+            q.rot_mid = _stacked_rotation(r_mid, n_exp, dn.shape[-1])
         q.calibration_info = info
         log.info("%s: tokens per expert %s (target %d)", t.name, info["expert_tokens"], info["token_target"])
         return q
 
 
-def _stacked_rotation(parts: list[tuple], n_exp: int) -> OnlineRotation:
+def _stacked_rotation(parts: list[tuple], n_exp: int, k: int) -> OnlineRotation:
     rot1 = torch.stack([p[0] for p in parts])
     perm = None if parts[0][1] is None else torch.stack([p[1] for p in parts])
     rot2 = None if parts[0][2] is None else torch.stack([p[2] for p in parts])
-    return OnlineRotation.from_parts(rot1, perm, rot2, experts=n_exp)
+    return OnlineRotation.from_parts(k, rot1, perm, rot2, experts=n_exp)

@@ -4,7 +4,8 @@
    (all tokens) and every expert's requirement (only its routed tokens), folded into the norm.
 2. Router logits alignment: the router weight's clipping ratios minimize logit MSE + KL on the FP
    top-m experts (m = k + floor(P (n - k))); the router stays at 8 bits in the recipes.
-3. Calibration balance: experts under their token target get forced-routed tokens; experts with
+3. Calibration balance: experts under their token target get tokens routed to them in further
+   calibration samples (the paper's rule; `balance: force` = forced routing instead); experts with
    none are calibrated on the layer input; the counts go to quantization.json.
 """
 from __future__ import annotations
@@ -25,7 +26,9 @@ EAQUANT_DEFAULTS = {
     "router_align": True,
     "router_objective": "mse_kl",  # the paper's dual objective; "kl" = run.sh's per_channel_kl_top0
     "router_top_ratio": 0.0,  # P in m = k + floor(P (n - k)); run.sh uses 0 (m = k)
-    "balance": "force",
+    # the paper's rule: more calibration samples until every expert reaches its token target;
+    # "force" = quantkit's forced-routing substitute, "none" = natural tokens only
+    "balance": "more_data",
 }
 
 

@@ -22,7 +22,10 @@ from quantkit.recon.resume import BlockStore, fingerprint
 log = logging.getLogger(__name__)
 
 # Method options that are not reconstruction settings.
-SELECTION_OPTIONS = {"calib_selection": "eda-dm", "lamda": 1.0, "radius": None, "guidance_scale": None,
+# lamda 5.0: the paper's text-to-image (MS-COCO SD) value; its run scripts use 1.2 for CIFAR-10 DDIM and
+# LDM-4 ImageNet, 1.0 for LSUN (METHODS.md §1.4). With 1.0 the normalized density and diversity terms
+# nearly cancel and the allocation is close to uniform.
+SELECTION_OPTIONS = {"calib_selection": "eda-dm", "lamda": 5.0, "radius": None, "guidance_scale": None,
                      "trajectory_batch": 16}
 
 
@@ -60,7 +63,8 @@ class ReconMethod(Method):
             self._fp_root = copy.deepcopy(ctx.root).eval()
         if ctx.inputs is None or ctx.calls is None or ctx.block is ctx.root:
             # Layers outside every block (rare; the default recipes skip them): calibrated RTN.
-            log.info("%s: no block to reconstruct for %d layers outside blocks; using RTN", self.name, len(tasks))
+            log.warning("%s: %d layers outside the blocks (e.g. %s) get calibrated round-to-nearest, not "
+                        "reconstruction", self.name, len(tasks), tasks[0].name if tasks else "-")
             return RTN(self.recipe).quantize_block(ctx)
         from quantkit.pipeline import capture_block_inputs
 

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from quantkit.errors import QuantkitError
-from quantkit.quantizers.kmeans import kmeans
+from quantkit.quantizers.kmeans import sklearn_kmeans
 from quantkit.quantizers.step_clock import calibration_step, nearest_step, take_buffer_shapes
 
 log = logging.getLogger(__name__)
@@ -102,7 +102,7 @@ class GroupActQuantizer(nn.Module):
             cmin, cmax, tmin, tmax = self._stats[k]
             ax = self._choose_axis(cmin, cmax, tmin, tmax)
             mins, maxs = (cmin, cmax) if ax == CHANNEL else (tmin, tmax)
-            labels = kmeans(torch.stack([mins, maxs], 1), self.groups, seed=0)
+            labels = sklearn_kmeans(torch.stack([mins, maxs], 1), self.groups, seed=0)  # as DGQ's code
             g = int(labels.max()) + 1
             lo = torch.stack([mins[labels == j].min() for j in range(g)])
             hi = torch.stack([maxs[labels == j].max() for j in range(g)])

@@ -16,34 +16,50 @@ from torch import nn
 from quantkit.quantizers.rotation import apply_blocks, transform_rows
 
 
+# Rotations are stored in fp16 (2 bytes per entry). Exactness is kept anyway: the weights are
+# transformed with the inverse transpose of the *stored* matrices (W' = W T^-T), so (x T)(W')^T = x W^T
+# up to float rounding although fp16 T is not exactly orthogonal.
+ROT_DTYPE = torch.float16
+
+
+def _perm_dtype(k: int) -> torch.dtype:
+    return torch.int16 if k <= torch.iinfo(torch.int16).max else torch.int32
+
+
 class OnlineRotation(nn.Module):
-    def __init__(self, k: int, block: int, permute: bool, experts: int | None = None) -> None:
+    def __init__(self, k: int, block: int, permute: bool, experts: int | None = None, shared: bool = False) -> None:
         super().__init__()
-        self.k, self.block, self.permute, self.experts = k, block, permute, experts
+        self.k, self.block, self.permute, self.experts, self.shared = k, block, permute, experts, shared
         lead = () if experts is None else (experts,)
-        g = k // block
-        self.register_buffer("rot1", torch.zeros(*lead, g, block, block))
-        self.register_buffer("perm", torch.zeros(*lead, k, dtype=torch.long) if permute else None)
-        self.register_buffer("rot2", torch.zeros(*lead, g, block, block) if permute else None)
+        g = 1 if shared else k // block
+        self.register_buffer("rot1", torch.zeros(*lead, g, block, block, dtype=ROT_DTYPE))
+        self.register_buffer("perm", torch.zeros(*lead, k, dtype=_perm_dtype(k)) if permute else None)
+        self.register_buffer("rot2", torch.zeros(*lead, g, block, block, dtype=ROT_DTYPE) if permute else None)
 
     @classmethod
-    def from_parts(cls, rot1: torch.Tensor, perm: torch.Tensor | None, rot2: torch.Tensor | None,
+    def from_parts(cls, k: int, rot1: torch.Tensor, perm: torch.Tensor | None, rot2: torch.Tensor | None,
                    experts: int | None = None) -> "OnlineRotation":
-        """From fitted parts; with `experts`, the parts carry a leading expert dimension."""
-        k = rot1.shape[-3] * rot1.shape[-1]
-        m = cls(k, rot1.shape[-1], perm is not None, experts)
-        m.rot1 = rot1.float().contiguous()
+        """From fitted parts for an input of K channels: rot [*E, G, b, b] with G = K/b, or G = 1 (one
+        matrix shared by every block); with `experts`, the parts carry a leading expert dimension."""
+        b = rot1.shape[-1]
+        g = rot1.shape[-3]
+        if g not in (1, k // b) or k % b:
+            raise ValueError(f"rotation blocks {tuple(rot1.shape)} do not fit an input of {k} channels")
+        m = cls(k, b, perm is not None, experts, shared=g == 1 and k // b > 1)
+        m.rot1 = rot1.to(ROT_DTYPE).contiguous()
         if perm is not None:
-            m.perm = perm.long().contiguous()
-            m.rot2 = rot2.float().contiguous()
+            m.perm = perm.to(_perm_dtype(k)).contiguous()
+            m.rot2 = rot2.to(ROT_DTYPE).contiguous()
         return m
 
     def record(self) -> dict[str, Any]:
-        return {"k": self.k, "block": self.block, "permute": self.permute, "experts": self.experts}
+        return {"k": self.k, "block": self.block, "permute": self.permute, "experts": self.experts,
+                "shared": self.shared}
 
     @classmethod
     def empty(cls, rec: dict[str, Any]) -> "OnlineRotation":
-        return cls(int(rec["k"]), int(rec["block"]), bool(rec["permute"]), rec.get("experts"))
+        return cls(int(rec["k"]), int(rec["block"]), bool(rec["permute"]), rec.get("experts"),
+                   bool(rec.get("shared", False)))
 
     def fused_rotation(self) -> torch.Tensor | None:
         """The [K/32, 32, 32] matrix the fused MXFP4 kernels can apply, when that is all there is."""
@@ -61,16 +77,25 @@ class OnlineRotation(nn.Module):
         rot1, perm, rot2 = self._parts(expert)
         x = apply_blocks(x, rot1)
         if perm is not None:
-            x = apply_blocks(x[..., perm], rot2)
+            x = apply_blocks(x[..., perm.long()], rot2)
         return x
 
     def transform_weight(self, w: torch.Tensor, expert: int | None = None) -> torch.Tensor:
-        """W [N, K] -> W T in float64 then w's dtype (weights are rotated once, offline)."""
-        return transform_rows(w, *self._parts(expert)).to(w.dtype)
+        """W [N, K] -> W T^-T in float64 then w's dtype (weights are transformed once, offline).
+        T^-T = blockdiag(R1^-T) P blockdiag(R2^-T) of the stored fp16 blocks, so the product with the
+        online-rotated activation is exact although fp16 blocks are only nearly orthogonal."""
+        rot1, perm, rot2 = self._parts(expert)
+        inv_t = lambda r: torch.linalg.inv(r.double()).transpose(-1, -2)  # noqa: E731
+        return transform_rows(w, inv_t(rot1), None if perm is None else perm.long(),
+                              None if rot2 is None else inv_t(rot2)).to(w.dtype)
+
+    def payload_bytes(self) -> int:
+        """Bytes this transform stores (rotations, permutation)."""
+        return sum(t.numel() * t.element_size() for t in (self.rot1, self.perm, self.rot2) if t is not None)
 
     def extra_repr(self) -> str:
         e = "" if self.experts is None else f", experts={self.experts}"
-        return f"k={self.k}, block={self.block}, permute={self.permute}{e}"
+        return f"k={self.k}, block={self.block}, permute={self.permute}, shared={self.shared}{e}"
 
 
 def rotation_records(qmodule: nn.Module) -> dict[str, Any]:

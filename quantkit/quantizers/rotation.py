@@ -22,8 +22,9 @@ class RotationConfig:
     block: rotation block size (128 DuQuant, 32 DuQuant++ = the MX group).
     steps: greedy steps (max_rotation_step).
     permute: zigzag permutation then a second rotation (DuQuant); False = one rotation (DuQuant++).
-    shared: one b x b matrix for every block, as the official code does (`x.reshape(-1, n) @ R`);
-        False (default, the paper) = each block gets its own greedy rotation.
+    shared: one b x b matrix for every block of the layer, as the official code does
+        (`x.reshape(-1, n) @ R`; stored once: [1, b, b]); False = each block gets its own greedy
+        rotation ([K/b, b, b], K/b times the storage).
     row_index_quirk: the code picks the swap target d from the *row* index of the reshaped input
         (`exchange_id % n`); False (default, the paper) = the channel holding the largest outlier.
     """
@@ -31,7 +32,7 @@ class RotationConfig:
     block: int = 128
     steps: int = 256
     permute: bool = True
-    shared: bool = False
+    shared: bool = True
     row_index_quirk: bool = False
     seed: int = 0
 
@@ -103,7 +104,8 @@ def _swapped(base: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def greedy_block_rotation(x: torch.Tensor, cfg: RotationConfig, b: int, generator: torch.Generator) -> torch.Tensor:
-    """Greedy outlier-driven rotation of x [T, K] in blocks of b -> [K/b, b, b] (float64).
+    """Greedy outlier-driven rotation of x [T, K] in blocks of b -> [K/b, b, b], or [1, b, b] when
+    cfg.shared (float64).
 
     Each step finds a block's largest-magnitude element, swaps its channel d into position 0 and
     rotates by E_d R E_d (spreading it over the block); the prefix of steps with the smallest
@@ -129,7 +131,7 @@ def greedy_block_rotation(x: torch.Tensor, cfg: RotationConfig, b: int, generato
         better = peak < best_peak
         best_peak = torch.where(better, peak, best_peak)
         best[better] = total[better]
-    return best.expand(g, b, b).clone() if cfg.shared else best
+    return best
 
 
 def zigzag_permutation(x: torch.Tensor, b: int) -> torch.Tensor:
@@ -146,40 +148,46 @@ def zigzag_permutation(x: torch.Tensor, b: int) -> torch.Tensor:
 
 
 def apply_blocks(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
-    """x [..., K] times blockdiag(rot) with rot [K/b, b, b]; fp32 accumulation, result in x's dtype
-    (the same arithmetic as the fused kernels' rotate_blocks for b = 32)."""
-    g, b, _ = rot.shape
+    """x [..., K] times blockdiag(rot) with rot [K/b, b, b] (or [1, b, b]: one matrix for every block);
+    fp32 accumulation, result in x's dtype (the same arithmetic as the fused kernels' rotate_blocks for b = 32)."""
+    b = rot.shape[-1]
+    g = x.shape[-1] // b
     xb = x.reshape(*x.shape[:-1], g, 1, b).float()
     return (xb @ rot.to(x.dtype).float()).reshape(x.shape).to(x.dtype)
 
 
 @torch.no_grad()
 def fit_rotation(x: torch.Tensor, cfg: RotationConfig) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """(rot1 [G, b, b], perm [K] or None, rot2 [G, b, b] or None) for calibration inputs x [T, K].
+    """(rot1 [G, b, b], perm [K] or None, rot2 [G, b, b] or None) for calibration inputs x [T, K];
+    G = 1 when cfg.shared (one matrix for every block), else K/b.
 
-    x is assumed already smoothed. All matrices fp32 (stored form)."""
+    x is assumed already smoothed. float64 matrices (OnlineRotation stores them in fp16)."""
     if x.dim() != 2 or x.shape[0] == 0:
         raise QuantkitError(f"rotation needs calibration inputs [tokens, channels], got shape {tuple(x.shape)}")
     b = cfg.block_for(x.shape[-1])
     gen = torch.Generator().manual_seed(cfg.seed)
     x = x.double()
-    rot1 = greedy_block_rotation(x, cfg, b, gen)
+    # Rounded to the stored fp16 values now, so the permutation and the second rotation are fitted on
+    # exactly what inference computes.
+    rot1 = greedy_block_rotation(x, cfg, b, gen).half().double()
     if not cfg.permute:
-        return rot1.float(), None, None
+        return rot1, None, None
     x1 = _apply64(x, rot1)
     perm = zigzag_permutation(x1, b)
-    rot2 = greedy_block_rotation(x1[:, perm], cfg, b, gen)
-    return rot1.float(), perm, rot2.float()
+    rot2 = greedy_block_rotation(x1[:, perm], cfg, b, gen).half().double()
+    return rot1, perm, rot2
 
 
 def _apply64(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
-    g, b, _ = rot.shape
+    b = rot.shape[-1]
+    g = x.shape[-1] // b
     return (x.reshape(-1, g, 1, b) @ rot.double()).reshape(x.shape)
 
 
 def transform_rows(w: torch.Tensor, rot1: torch.Tensor, perm: torch.Tensor | None,
                    rot2: torch.Tensor | None) -> torch.Tensor:
-    """w [..., K] @ T in float64 (used for weights: W' = W T along the input dimension)."""
+    """w [..., K] @ blockdiag(rot1) P blockdiag(rot2) in float64 (OnlineRotation passes the blocks'
+    inverse transposes for weights: W' = W T^-T, so that (x T)(W')^T = x W^T exactly)."""
     out = _apply64(w.double(), rot1)
     if perm is not None:
         out = out[..., perm]

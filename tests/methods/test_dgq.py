@@ -12,7 +12,7 @@ from quantkit.io import save_checkpoint
 from quantkit.models import load_model
 from quantkit.pipeline import quantize_model
 from quantkit.quantizers.group_act import CHANNEL, TOKEN, GroupActQuantizer
-from quantkit.quantizers.kmeans import kmeans
+from quantkit.quantizers.kmeans import kmeans, sklearn_kmeans
 from quantkit.quantizers.log_attention import LogProbQuantizer
 from quantkit.quantizers.step_clock import StepClock
 
@@ -82,10 +82,23 @@ def test_group_ranges_follow_the_formula():
     torch.testing.assert_close(q.zero[0][labels], torch.round(-lo / delta))
 
 
-def test_kmeans_separates_blobs_and_caps_k():
+@pytest.mark.parametrize("fn", [kmeans, sklearn_kmeans], ids=["torch", "sklearn"])
+def test_kmeans_separates_blobs_and_caps_k(fn):
     pts = torch.cat([torch.zeros(10, 2), torch.full((3, 2), 50.0)])
-    labels = kmeans(pts, 8)
+    labels = fn(pts, 8)
     assert labels.max().item() == 1 and labels[:10].unique().numel() == 1 and labels[10] != labels[0]
+
+
+def test_sklearn_kmeans_gives_the_dgq_code_partition():
+    """The group quantizer's clustering is exactly KMeans(n_clusters=G, random_state=0), relabelled."""
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import adjusted_rand_score
+
+    g = torch.Generator().manual_seed(1)
+    pts = torch.stack([-(torch.rand(200, generator=g) + 0.5), torch.rand(200, generator=g) * 3 + 0.5], 1)
+    pts[:7] *= 30
+    want = KMeans(n_clusters=8, random_state=0).fit(pts.double().numpy()).labels_
+    assert adjusted_rand_score(sklearn_kmeans(pts, 8).numpy(), want) == 1.0
 
 
 def test_log_quantizer_codes_and_per_prompt_scale():
@@ -207,7 +220,8 @@ def test_dgq_weight_recon_from_the_shell(tmp_path):
     meta = json.loads((out / "quantization.json").read_text())
     assert meta["recipe"]["method_options"]["weight_recon"] is True
     stats = meta["reconstruction"]
-    assert stats and all(v["loss_end"] <= v["loss_start"] * 1.05 for v in stats.values())
+    # Reconstruction must lower every block's loss by a margin (measured at 20 iterations: 0.61-0.89).
+    assert len(stats) == 14 and all(v["loss_end"] < 0.95 * v["loss_start"] for v in stats.values()), stats
     r = cli("generate", out, "--prompt", "a red bus", "--n", "1", "--steps", "3", "--out", tmp_path / "g.png")
     assert r.exit_code == 0, r.output
     r = cli("quantize", "zoo:tiny-sd", "--recipe", "rtn-w8a8", "--weight-recon", "--out", tmp_path / "x")
