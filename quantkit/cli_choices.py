@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from importlib import resources
 
-METHOD_NAMES = ("rtn", "eda-dm", "flexround", "dgq", "eaquant", "duquant")
+METHOD_NAMES = ("rtn", "eda-dm", "flexround", "dgq", "eaquant", "duquant", "hadamard")
 WEIGHT_FORMATS = ("int", "mxfp4", "fp8")
 ROUNDING_NAMES = ("adaround", "flexround", "nearest")
 DEVICES = ("cpu", "cuda")

@@ -131,9 +131,9 @@ def register_transformers() -> None:
             return False
 
         def get_state_dict_and_metadata(self, model):
-            from quantkit.io import sentinel_tensors
+            from quantkit.io import _dedupe, sentinel_tensors
 
-            state = model.state_dict()
+            state, _ = _dedupe(model.state_dict())  # tensors shared in memory (q/k/v rotations) saved as copies
             state.update(sentinel_tensors(model))
             return state, {}
 

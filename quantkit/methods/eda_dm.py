@@ -65,7 +65,7 @@ class ReconMethod(Method):
             # Layers outside every block (rare; the default recipes skip them): calibrated RTN.
             log.warning("%s: %d layers outside the blocks (e.g. %s) get calibrated round-to-nearest, not "
                         "reconstruction", self.name, len(tasks), tasks[0].name if tasks else "-")
-            return RTN(self.recipe).quantize_block(ctx)
+            return RTN(self.recipe.replace(method="rtn", method_options={})).quantize_block(ctx)
         from quantkit.pipeline import capture_block_inputs
 
         fp_calls = capture_block_inputs(self._fp_root, self._fp_root.get_submodule(ctx.name), ctx.calls)
