@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from quantkit.adapters.base import CallArgs, ModelAdapter, is_fused_experts, supported_experts_layout
+from quantkit.adapters.base import (CallArgs, ModelAdapter, is_fused_experts, is_parallel_experts,
+                                    supported_experts_layout)
 from quantkit.adapters.clip import CLIPAdapter
 from quantkit.adapters.dit import DiTAdapter
 from quantkit.adapters.moe_lm import CausalLMAdapter
@@ -17,11 +18,14 @@ def adapter_for(root: nn.Module) -> ModelAdapter:
     """The adapter whose `matches` accepts `root`."""
     for cls in ADAPTERS:
         if cls.matches(root):
-            return cls()
+            adapter = cls()
+            adapter.prepare(root)
+            return adapter
     raise QuantkitError(
         f"no adapter for {type(root).__name__}; supported: diffusers UNet2DModel/UNet2DConditionModel, "
         "DiT/PixArt transformers, transformers causal LMs (Mixtral, Qwen-MoE, OLMoE, DeepSeek-V3)"
     )
 
 
-__all__ = ["ADAPTERS", "CallArgs", "ModelAdapter", "adapter_for", "is_fused_experts", "supported_experts_layout"]
+__all__ = ["ADAPTERS", "CallArgs", "ModelAdapter", "adapter_for", "is_fused_experts", "is_parallel_experts",
+           "supported_experts_layout"]

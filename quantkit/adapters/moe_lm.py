@@ -6,12 +6,12 @@ import torch
 from torch import nn
 
 from quantkit.adapters.base import CallArgs, ModelAdapter, is_fused_experts
+from quantkit.adapters.experts import expert_layout, moe_roles
 from quantkit.adapters.outliers import norm_gain_outliers, pick_channels
 
-ROUTER_NAMES = ("gate", "router", "shared_expert_gate")
 # Linears that read the normalized residual stream directly (so a norm's gain can be folded into them).
 ATTENTION_INPUTS = ("q_proj", "k_proj", "v_proj", "qkv_proj", "q_a_proj", "kv_a_proj_with_mqa")
-MLP_INPUTS = ("gate_proj", "up_proj", "gate", "router", "shared_expert_gate")
+MLP_INPUTS = ("gate_proj", "up_proj")
 
 
 class CausalLMAdapter(ModelAdapter):
@@ -23,6 +23,13 @@ class CausalLMAdapter(ModelAdapter):
         inner = getattr(root, "model", None)
         return hasattr(root, "lm_head") and inner is not None and hasattr(inner, "layers")
 
+    def __init__(self) -> None:
+        self._moe_roles: dict[int, str] = {}
+
+    def prepare(self, root: nn.Module) -> None:
+        # Routers, experts and shared experts are found from each MoE block's structure, not their names.
+        self._moe_roles = moe_roles(root)
+
     def blocks(self, root: nn.Module) -> list[tuple[str, nn.Module]]:
         return [(f"model.layers.{i}", layer) for i, layer in enumerate(root.model.layers)]
 
@@ -32,13 +39,12 @@ class CausalLMAdapter(ModelAdapter):
             return "lm_head"
         if isinstance(module, nn.Embedding) or "embed" in parts[-1]:
             return "embedding"
-        if is_fused_experts(module) or "experts" in parts:
+        structural = self._moe_roles.get(id(module))
+        if structural is not None:
+            return structural
+        if is_fused_experts(module):  # an experts-like module of unknown layout: planning reports it
             return "expert"
-        if parts[-1] in ROUTER_NAMES:
-            return "router"
-        if any(p in ("shared_expert", "shared_experts") for p in parts):
-            return "shared_expert"
-        if "self_attn" in parts or "attention" in parts:
+        if any("attn" in p or "attention" in p for p in parts):  # self_attn, self_attention, linear_attn
             return "attention"
         if "mlp" in parts:
             return "mlp"
@@ -55,9 +61,11 @@ class CausalLMAdapter(ModelAdapter):
             weights = []
             for name, m in sub.named_modules():
                 last = name.split(".")[-1]
-                if is_fused_experts(m):
+                lay = expert_layout(m)
+                if lay is not None and lay.standard:
                     weights.append(m.gate_up_proj)
-                elif last in inputs and isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 2:
+                elif self._moe_roles.get(id(m)) == "router" or (
+                        last in inputs and isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 2):
                     weights.append(m.weight)
             pairs.append((norm, weights))
         return pairs
