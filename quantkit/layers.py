@@ -64,6 +64,7 @@ def _full_precision_only(module: nn.Module, role: str) -> bool:
 
 def plan_layers(root: nn.Module, adapter: ModelAdapter, recipe: Recipe) -> list[LayerTask]:
     """Every quantizable layer of `root` with its plan; fails on an expert layout it cannot quantize."""
+    adapter.check_recipe(recipe)
     tasks = []
     for name, module in root.named_modules():
         if isinstance(module, QUANT_MODULES):

@@ -7,11 +7,13 @@ from quantkit.adapters.base import (CallArgs, ModelAdapter, is_fused_experts, is
                                     supported_experts_layout)
 from quantkit.adapters.clip import CLIPAdapter
 from quantkit.adapters.dit import DiTAdapter
+from quantkit.adapters.generic import GenericAdapter
 from quantkit.adapters.moe_lm import CausalLMAdapter
 from quantkit.adapters.unet import UNetAdapter
 from quantkit.errors import QuantkitError
 
-ADAPTERS: tuple[type[ModelAdapter], ...] = (UNetAdapter, DiTAdapter, CausalLMAdapter, CLIPAdapter)
+# GenericAdapter comes last: any model with repeated blocks, when no family adapter knows it.
+ADAPTERS: tuple[type[ModelAdapter], ...] = (UNetAdapter, DiTAdapter, CausalLMAdapter, CLIPAdapter, GenericAdapter)
 
 
 def adapter_for(root: nn.Module) -> ModelAdapter:
@@ -23,7 +25,8 @@ def adapter_for(root: nn.Module) -> ModelAdapter:
             return adapter
     raise QuantkitError(
         f"no adapter for {type(root).__name__}; supported: diffusers UNet2DModel/UNet2DConditionModel, "
-        "DiT/PixArt transformers, transformers causal LMs (Mixtral, Qwen-MoE, OLMoE, DeepSeek-V3)"
+        "DiT/PixArt transformers, transformers causal LMs (Mixtral, Qwen-MoE, OLMoE, DeepSeek-V3, ...), or any "
+        "model with repeated blocks (a ModuleList of identical layers)"
     )
 
 

@@ -78,6 +78,9 @@ class ModelAdapter:
     def prepare(self, root: nn.Module) -> None:
         """Learn what the adapter needs from the whole model before `role` is asked (e.g. MoE structure)."""
 
+    def check_recipe(self, recipe: Any) -> None:
+        """Raise QuantkitError before any work if `recipe` cannot run on this family."""
+
     def blocks(self, root: nn.Module) -> list[tuple[str, nn.Module]]:
         """Blocks in execution order (the unit of the block-by-block walk)."""
         raise NotImplementedError
