@@ -92,6 +92,10 @@ class ModelAdapter:
         """Inputs for a bare model with no sampler or tokenizer to drive it."""
         raise NotImplementedError
 
+    def sampling_kwargs(self, pipe: Any) -> dict[str, Any]:
+        """Extra pipeline-call arguments for calibration sampling (e.g. a size cap); none by default."""
+        return {}
+
     def bottleneck_name(self, root: nn.Module) -> str:
         """The module whose input is the model's bottleneck feature (EDA-DM's TDAC scores it)."""
         raise QuantkitError(f"{self.name} has no bottleneck feature for calibration selection")

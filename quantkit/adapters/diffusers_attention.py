@@ -24,6 +24,30 @@ def attention_modules(root: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in root.named_modules() if isinstance(m, Attention)]
 
 
+# Processors computing plain softmax(QK^T)V attention, which QuantAttnProcessor reproduces.
+STANDARD_PROCESSORS = ("AttnProcessor", "AttnProcessor2_0", "QuantAttnProcessor")
+
+
+def uncovered_attention(root: nn.Module) -> tuple[str, str] | None:
+    """(name, why) of the first attention layer of `root` QuantAttnProcessor cannot stand in for, else None.
+    Attention layers are found by what they are (q/k projections), whatever their class: FLUX's FluxAttention,
+    Wan's WanAttention, SANA's linear-attention processor, SD3/Qwen-Image joint attention are all reported."""
+    from diffusers.models.attention_processor import Attention
+
+    for name, m in root.named_modules():
+        if not (hasattr(m, "to_q") and hasattr(m, "to_k")):
+            continue
+        if not isinstance(m, Attention):
+            return name, f"{type(m).__name__} attention"
+        proc = type(getattr(m, "processor", None)).__name__
+        if proc not in STANDARD_PROCESSORS:
+            return name, f"the {proc} attention processor"
+        why = unsupported(m)
+        if why is not None:
+            return name, why
+    return None
+
+
 def unsupported(attn: nn.Module) -> str | None:
     """None if QuantAttnProcessor computes `attn` exactly as diffusers does, else why not."""
     for name in ("add_q_proj", "add_k_proj", "add_v_proj"):

@@ -8,8 +8,9 @@ transformers 5 keeps MoE experts in a few layouts:
 - Llama-4's `Llama4TextExperts`: transposed, concatenated, called densely on [E*T, H] inputs that the MoE
   block already scaled by the router scores;
 - JetMoE's `JetMoeParallelExperts`: one [E, out, in] `weight` per projection, called as (inputs, expert_size).
-A module that holds 3-D parameters and is none of these is reported as an unknown layout (an error unless a
-rule skips it); torch's own layers (Conv1d of linear-attention / state-space blocks) are never experts.
+An experts class (its name says Expert) that holds 3-D parameters in none of these layouts is reported as an
+unknown layout (an error unless a rule skips it); other 3-D parameters (Conv1d of linear-attention / state-space
+blocks, adaLN modulation tables) are never taken for experts.
 """
 from __future__ import annotations
 
@@ -129,7 +130,9 @@ def classify_experts(module: nn.Module) -> ExpertLayout | str | None:
         return _fused(module, bool(module.is_transposed), not getattr(module, "is_concatenated", True), "routed",
                       custom, bool(getattr(module, "has_bias", False)))
     three_d = _own_3d(module)
-    if not three_d:
+    if not three_d or "expert" not in name.lower():
+        # 3-D tensors of something that is not an experts class (a modulation table, a position table): not
+        # a weight quantkit quantizes, and not guessed to be one from its rank.
         return None
     if hasattr(module, "gate_up_proj") and hasattr(module, "down_proj"):
         # Older transformers (no interface flags): [E, 2I, H] / [E, H, I] called with routing indices.

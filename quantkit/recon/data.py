@@ -85,5 +85,10 @@ def mix_inputs(q: CallArgs, fp: CallArgs, prob: float, gen: torch.Generator | No
 
 
 def main_tensor(out: Any) -> torch.Tensor:
-    """The tensor a block returns (blocks return a tensor, a tuple, or an output dataclass)."""
+    """The tensor a block returns (blocks return a tensor, a tuple, or an output dataclass). A block that
+    returns several streams (MMDiT: text and image hidden states) is compared on all of them: [B, sum of sizes]."""
+    if isinstance(out, (tuple, list)) and len(out) > 1 and all(isinstance(t, torch.Tensor) for t in out):
+        b = out[0].shape[0]
+        if all(t.dim() >= 2 and t.shape[0] == b for t in out):
+            return torch.cat([t.reshape(b, -1) for t in out], dim=1)
     return first_tensor(out, ("sample", "hidden_states"))

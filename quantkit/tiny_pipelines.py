@@ -1,0 +1,81 @@
+"""Tiny random-weight text-to-image / video pipelines of the modern diffusion families (no download):
+FLUX.1, SD3, SANA, Wan 2.x and SDXL, each with its real pipeline class and scheduler (flow matching where the
+family uses it), tiny text encoders and a character-level tokenizer. For tests and for trying quantkit."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from quantkit.tiny_models import _clip_tokenizer
+
+
+def _tokenizer(out: Path) -> Any:
+    from transformers import CLIPTokenizer
+
+    tok_dir = out.parent / (out.name + ".tokenizer")
+    _clip_tokenizer(tok_dir)
+    tok = CLIPTokenizer.from_pretrained(tok_dir)
+    shutil.rmtree(tok_dir, ignore_errors=True)
+    return tok
+
+
+def _clip(tok: Any, hidden: int, projection: int | None = None) -> Any:
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    cfg = CLIPTextConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=16, bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id, projection_dim=projection or hidden)
+    return CLIPTextModelWithProjection(cfg) if projection else CLIPTextModel(cfg)
+
+
+def _t5(tok: Any, d_model: int, umt5: bool = False) -> Any:
+    from transformers import T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
+
+    kw = dict(vocab_size=len(tok), d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=1, num_heads=2,
+              relative_attention_num_buckets=8, pad_token_id=tok.pad_token_id)
+    return UMT5EncoderModel(UMT5Config(**kw)) if umt5 else T5EncoderModel(T5Config(**kw))
+
+
+def _vae(latent: int) -> Any:
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=latent, block_out_channels=(16, 32),
+                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                         norm_num_groups=8, sample_size=16)
+
+
+def make_tiny_flux(out: Path, seed: int = 0) -> None:
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    tok = _tokenizer(out)
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2,
+                                         attention_head_dim=16, num_attention_heads=4, joint_attention_dim=32,
+                                         pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 6, 6))
+    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=_vae(4), text_encoder=_clip(tok, 32),
+                        tokenizer=tok, text_encoder_2=_t5(tok, 32), tokenizer_2=tok, transformer=transformer)
+    pipe.save_pretrained(out)
+
+
+def make_tiny_sd3(out: Path, seed: int = 0) -> None:
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    torch.manual_seed(seed)
+    tok = _tokenizer(out)
+    transformer = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=16,
+                                        num_attention_heads=4, joint_attention_dim=32, caption_projection_dim=64,
+                                        pooled_projection_dim=32, out_channels=4, pos_embed_max_size=16)
+    pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=_vae(4),
+                                    text_encoder=_clip(tok, 16, 16), tokenizer=tok, text_encoder_2=_clip(tok, 16, 16),
+                                    tokenizer_2=tok, text_encoder_3=_t5(tok, 32), tokenizer_3=tok)
+    pipe.save_pretrained(out)
+
+
+TINY_PIPELINES = {
+    "tiny-flux": ("random-weight FluxPipeline (2 double- + 2 single-stream blocks, CLIP + T5, flow matching)",
+                  make_tiny_flux),
+    "tiny-sd3": ("random-weight StableDiffusion3Pipeline (2 MMDiT blocks, 2 CLIP + T5, flow matching)", make_tiny_sd3),
+}
