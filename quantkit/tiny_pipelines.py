@@ -1,5 +1,5 @@
 """Tiny random-weight text-to-image / video pipelines of the modern diffusion families (no download):
-FLUX.1, SD3, SANA, Wan 2.x and SDXL, each with its real pipeline class and scheduler (flow matching where the
+FLUX.1, SD3, Wan 2.x and SDXL, each with its real pipeline class and scheduler (flow matching where the
 family uses it), tiny text encoders and a character-level tokenizer. For tests and for trying quantkit."""
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ from typing import Any
 
 import torch
 
-from quantkit.tiny_models import _clip_tokenizer
-
 
 def _tokenizer(out: Path) -> Any:
     from transformers import CLIPTokenizer
+
+    from quantkit.tiny_models import _clip_tokenizer  # (tiny_models imports this module's registry)
 
     tok_dir = out.parent / (out.name + ".tokenizer")
     _clip_tokenizer(tok_dir)
@@ -74,8 +74,45 @@ def make_tiny_sd3(out: Path, seed: int = 0) -> None:
     pipe.save_pretrained(out)
 
 
+def make_tiny_wan(out: Path, seed: int = 0) -> None:
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    tok = _tokenizer(out)
+    transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=32,
+                                        in_channels=4, out_channels=4, text_dim=32, freq_dim=32, ffn_dim=64,
+                                        num_layers=2, rope_max_seq_len=32)
+    vae = AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[True],
+                           latents_mean=[0.0] * 4, latents_std=[1.0] * 4, scale_factor_temporal=2,
+                           scale_factor_spatial=2)
+    pipe = WanPipeline(tokenizer=tok, text_encoder=_t5(tok, 32, umt5=True), vae=vae,
+                       scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), transformer=transformer)
+    pipe.save_pretrained(out)
+
+
+def make_tiny_sdxl(out: Path, seed: int = 0) -> None:
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    tok = _tokenizer(out)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(64, 128),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=64, attention_head_dim=(2, 4), norm_num_groups=8, use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=80,
+        transformer_layers_per_block=(1, 1))
+    pipe = StableDiffusionXLPipeline(vae=_vae(4), text_encoder=_clip(tok, 32), text_encoder_2=_clip(tok, 32, 32),
+                                     tokenizer=tok, tokenizer_2=tok, unet=unet,
+                                     scheduler=EulerDiscreteScheduler(beta_schedule="scaled_linear",
+                                                                      beta_start=0.00085, beta_end=0.012))
+    pipe.save_pretrained(out)
+
+
 TINY_PIPELINES = {
     "tiny-flux": ("random-weight FluxPipeline (2 double- + 2 single-stream blocks, CLIP + T5, flow matching)",
                   make_tiny_flux),
     "tiny-sd3": ("random-weight StableDiffusion3Pipeline (2 MMDiT blocks, 2 CLIP + T5, flow matching)", make_tiny_sd3),
+    "tiny-wan": ("random-weight WanPipeline (2 video DiT blocks, UMT5, Wan VAE, flow matching)", make_tiny_wan),
+    "tiny-sdxl": ("random-weight StableDiffusionXLPipeline (UNet with text_time conditioning, 2 CLIP)",
+                  make_tiny_sdxl),
 }

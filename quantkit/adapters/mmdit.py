@@ -209,7 +209,13 @@ class WanAdapter(DiffusionTransformerAdapter):
 
     def sampling_kwargs(self, pipe: Any) -> dict[str, Any]:
         # Video: the default 81 frames at 480x832 is far beyond a calibration sample's budget.
+        import logging
+
         ts, s = pipe.vae_scale_factor_temporal, pipe.vae_scale_factor_spatial
         _, ph, pw = pipe.transformer.config.patch_size
-        return {"num_frames": 1 + ts, "height": 8 * s * ph, "width": 8 * s * pw}
+        size = {"num_frames": 1 + ts, "height": 8 * s * ph, "width": 8 * s * pw}
+        logging.getLogger(__name__).warning("calibrating %s on %d-frame %dx%d clips (2 latent frames of 8x8 tokens)",
+                                            type(pipe.transformer).__name__, size["num_frames"], size["height"],
+                                            size["width"])
+        return size
 
