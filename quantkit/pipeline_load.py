@@ -1,9 +1,8 @@
 """Load a diffusers pipeline folder around an already built (quantized) denoiser.
 
-`DiffusionPipeline.from_pretrained(folder, transformer=module)` only takes `module` when the pipeline's
-__init__ declares that component without a default; pipelines whose denoiser is optional (WanPipeline's
-`transformer`, next to Wan 2.2's `transformer_2`) would load it from the folder instead, which holds the
-quantized weights. Those are assembled here from their own components."""
+`DiffusionPipeline.from_pretrained(folder, transformer=module)` ignores `module` when the pipeline lists the
+component as optional (WanPipeline's `transformer`, next to Wan 2.2's `transformer_2`) and loads it from the
+folder instead, which holds the quantized weights. Those are assembled here from their own components."""
 from __future__ import annotations
 
 import importlib
@@ -22,7 +21,7 @@ def load_pipeline_with(folder: Path, component: str, module: nn.Module) -> Any:
     index = json.loads((folder / "model_index.json").read_text())
     cls = getattr(diffusers, index["_class_name"])
     expected, optional = cls._get_signature_keys(cls)
-    if component in expected:
+    if component in expected and component not in getattr(cls, "_optional_components", []):
         return DiffusionPipeline.from_pretrained(folder, local_files_only=True, **{component: module})
     parts: dict[str, Any] = {component: module}
     for name, value in index.items():
