@@ -1,5 +1,5 @@
 """Tiny random-weight text-to-image / video pipelines of the modern diffusion families (no download):
-FLUX.1, SD3, Wan 2.x and SDXL, each with its real pipeline class and scheduler (flow matching where the
+FLUX.1, SD3, SANA, Wan 2.x and SDXL, each with its real pipeline class and scheduler (flow matching where the
 family uses it), tiny text encoders and a character-level tokenizer. For tests and for trying quantkit."""
 from __future__ import annotations
 
@@ -90,6 +90,31 @@ def make_tiny_wan(out: Path, seed: int = 0) -> None:
     pipe.save_pretrained(out)
 
 
+def make_tiny_sana(out: Path, seed: int = 0) -> None:
+    from diffusers import AutoencoderDC, FlowMatchEulerDiscreteScheduler, SanaPipeline, SanaTransformer2DModel
+    from transformers import Gemma2Config, Gemma2Model
+
+    torch.manual_seed(seed)
+    tok = _tokenizer(out)
+    tok.padding_side = "right"
+    transformer = SanaTransformer2DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=32,
+                                         num_layers=2, num_cross_attention_heads=2, cross_attention_head_dim=32,
+                                         cross_attention_dim=64, caption_channels=32, mlp_ratio=2.0, sample_size=8,
+                                         patch_size=1)
+    vae = AutoencoderDC(in_channels=3, latent_channels=4, attention_head_dim=8,
+                        encoder_block_types=("ResBlock", "ResBlock"), decoder_block_types=("ResBlock", "ResBlock"),
+                        encoder_block_out_channels=(8, 16), decoder_block_out_channels=(8, 16),
+                        encoder_layers_per_block=(1, 1), decoder_layers_per_block=(1, 1),
+                        encoder_qkv_multiscales=((), ()), decoder_qkv_multiscales=((), ()),
+                        decoder_norm_types="batch_norm", decoder_act_fns="silu")
+    text = Gemma2Model(Gemma2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                    num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                    pad_token_id=tok.pad_token_id))
+    pipe = SanaPipeline(tokenizer=tok, text_encoder=text, vae=vae, transformer=transformer,
+                        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
+    pipe.save_pretrained(out)
+
+
 def make_tiny_sdxl(out: Path, seed: int = 0) -> None:
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 
@@ -113,6 +138,8 @@ TINY_PIPELINES = {
                   make_tiny_flux),
     "tiny-sd3": ("random-weight StableDiffusion3Pipeline (2 MMDiT blocks, 2 CLIP + T5, flow matching)", make_tiny_sd3),
     "tiny-wan": ("random-weight WanPipeline (2 video DiT blocks, UMT5, Wan VAE, flow matching)", make_tiny_wan),
+    "tiny-sana": ("random-weight SanaPipeline (2 linear-attention DiT blocks, Gemma-2, DC-AE, flow matching)",
+                  make_tiny_sana),
     "tiny-sdxl": ("random-weight StableDiffusionXLPipeline (UNet with text_time conditioning, 2 CLIP)",
                   make_tiny_sdxl),
 }

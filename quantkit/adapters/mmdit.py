@@ -92,13 +92,12 @@ class DiffusionTransformerAdapter(ModelAdapter):
         if tok is not None and default_len is not None and isinstance(default_len.default, int):
             if tok.model_max_length < default_len.default:
                 extra["max_sequence_length"] = int(tok.model_max_length)
-        height = getattr(pipe, "default_sample_size", None)
         vae_scale = getattr(pipe, "vae_scale_factor", None)
-        if not height or not vae_scale:
+        px = self.default_pixels(pipe)
+        if not px or not vae_scale:
             return extra
         patch = getattr(pipe.transformer.config, "patch_size", 1) or 1
         patch = patch[-1] if isinstance(patch, (tuple, list)) else patch
-        px = height * vae_scale
         tokens = (px // (vae_scale * patch * self.packing)) ** 2
         if tokens <= MAX_CALIB_TOKENS:
             return extra
@@ -109,6 +108,16 @@ class DiffusionTransformerAdapter(ModelAdapter):
         return {**extra, "height": side, "width": side}
 
     packing = 1  # latent pixels per token side beyond the patch (FLUX/Qwen-Image pack 2x2 latents)
+
+    @staticmethod
+    def default_pixels(pipe: Any) -> int | None:
+        """The side the pipeline samples at when given no size."""
+        import inspect
+
+        if getattr(pipe, "default_sample_size", None) and getattr(pipe, "vae_scale_factor", None):
+            return int(pipe.default_sample_size * pipe.vae_scale_factor)
+        h = inspect.signature(pipe.__call__).parameters.get("height")
+        return h.default if h is not None and isinstance(h.default, int) else None
 
 
 class FluxAdapter(DiffusionTransformerAdapter):
@@ -177,6 +186,13 @@ class SanaAdapter(DiffusionTransformerAdapter):
     classes = ("SanaTransformer2DModel",)
     conv_in = (r"patch_embed\..*", r"caption_projection\..*")
     time = (r"time_embed\..*",)
+
+    def sampling_kwargs(self, pipe: Any) -> dict[str, Any]:
+        # SANA's pipeline snaps the size to its aspect-ratio bins (512 px and up): calibration samples at the
+        # (capped) default size as given, without binning.
+        kw = super().sampling_kwargs(pipe)
+        px = self.default_pixels(pipe)
+        return {"height": px, "width": px, **kw, "use_resolution_binning": False}
 
     def synthetic_inputs(self, root: nn.Module, n: int, seed: int) -> list[CallArgs]:
         cfg, g = root.config, torch.Generator().manual_seed(seed)
