@@ -1,5 +1,5 @@
 """Tiny random-weight text-to-image / video pipelines of the modern diffusion families (no download):
-FLUX.1, SD3, SANA, Wan 2.x and SDXL, each with its real pipeline class and scheduler (flow matching where the
+FLUX.1, SD3, Qwen-Image, SANA, Wan 2.x and SDXL, each with its real pipeline class and scheduler (flow matching where the
 family uses it), tiny text encoders and a character-level tokenizer. For tests and for trying quantkit."""
 from __future__ import annotations
 
@@ -90,6 +90,28 @@ def make_tiny_wan(out: Path, seed: int = 0) -> None:
     pipe.save_pretrained(out)
 
 
+def make_tiny_qwen_image(out: Path, seed: int = 0) -> None:
+    from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline,
+                           QwenImageTransformer2DModel)
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    tok = _tokenizer(out)
+    transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=2,
+                                              attention_head_dim=16, num_attention_heads=4, joint_attention_dim=32,
+                                              axes_dims_rope=(4, 6, 6))
+    vae = AutoencoderKLQwenImage(base_dim=8, z_dim=4, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[False],
+                                 latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
+    text_cfg = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                    num_attention_heads=2, num_key_value_heads=1, rope_scaling={"type": "mrope", "mrope_section": [2, 2, 4]})
+    text = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
+        text_config=text_cfg, vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2,
+                                                 out_hidden_size=32, fullatt_block_indexes=[0])))
+    pipe = QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=text, tokenizer=tok,
+                             transformer=transformer)
+    pipe.save_pretrained(out)
+
+
 def make_tiny_sana(out: Path, seed: int = 0) -> None:
     from diffusers import AutoencoderDC, FlowMatchEulerDiscreteScheduler, SanaPipeline, SanaTransformer2DModel
     from transformers import Gemma2Config, Gemma2Model
@@ -137,6 +159,8 @@ TINY_PIPELINES = {
     "tiny-flux": ("random-weight FluxPipeline (2 double- + 2 single-stream blocks, CLIP + T5, flow matching)",
                   make_tiny_flux),
     "tiny-sd3": ("random-weight StableDiffusion3Pipeline (2 MMDiT blocks, 2 CLIP + T5, flow matching)", make_tiny_sd3),
+    "tiny-qwen-image": ("random-weight QwenImagePipeline (2 MMDiT blocks, Qwen2.5-VL text encoder, flow matching)",
+                        make_tiny_qwen_image),
     "tiny-wan": ("random-weight WanPipeline (2 video DiT blocks, UMT5, Wan VAE, flow matching)", make_tiny_wan),
     "tiny-sana": ("random-weight SanaPipeline (2 linear-attention DiT blocks, Gemma-2, DC-AE, flow matching)",
                   make_tiny_sana),

@@ -107,7 +107,7 @@ class DiffusionTransformerAdapter(ModelAdapter):
             type(pipe.transformer).__name__, side, side, px, px, tokens)
         return {**extra, "height": side, "width": side}
 
-    packing = 1  # latent pixels per token side beyond the patch (FLUX/Qwen-Image pack 2x2 latents)
+    packing = 1  # latent pixels per token side beyond the config's patch size (FLUX packs 2x2 latents)
 
     @staticmethod
     def default_pixels(pipe: Any) -> int | None:
@@ -169,7 +169,6 @@ class QwenImageAdapter(DiffusionTransformerAdapter):
     conv_in = (r"img_in", r"txt_in")
     time = (r"time_text_embed\..*",)
     modulation = (r"norm_out\.linear", r"transformer_blocks\.\d+\.(img|txt)_mod\.\d+")
-    packing = 2
 
     def synthetic_inputs(self, root: nn.Module, n: int, seed: int) -> list[CallArgs]:
         cfg, g = root.config, torch.Generator().manual_seed(seed)

@@ -1,6 +1,7 @@
-"""Calibration from the real pipelines (FluxPipeline, StableDiffusion3Pipeline, WanPipeline, SanaPipeline with
-their flow-matching schedulers, StableDiffusionXLPipeline with Euler): EDA-DM (one reconstruction iteration) and DGQ calibrate on the sampler's own steps, save, reload
-with quantkit.load and sample the same latents as the in-memory quantized pipeline. DGQ's attention quantizer
+"""Calibration from the real pipelines (FluxPipeline, StableDiffusion3Pipeline, QwenImagePipeline, WanPipeline, SanaPipeline with
+their flow-matching schedulers, StableDiffusionXLPipeline with Euler): EDA-DM (one reconstruction iteration)
+and DGQ calibrate on the sampler's own steps, save, reload with quantkit.load and sample the same latents as
+the in-memory quantized pipeline. DGQ's attention quantizer
 does not cover joint attention: asking for it is a one-line refusal before any work."""
 import pytest
 import torch
@@ -16,6 +17,7 @@ OPTIONS = {"eda-dm-w8a8": {"iters": 1, "batch_size": 2}, "dgq-w8a6": {"attention
 # SDXL's UNet has plain (self / cross) attention: DGQ quantizes it too (log2 probabilities).
 FULL_DGQ = {"tiny-sdxl"}
 PIPELINES = {"tiny-flux": "FluxTransformer2DModel", "tiny-sd3": "SD3Transformer2DModel",
+             "tiny-qwen-image": "QwenImageTransformer2DModel",
              "tiny-wan": "WanTransformer3DModel", "tiny-sana": "SanaTransformer2DModel",
              "tiny-sdxl": "UNet2DConditionModel"}
 CASES = [pytest.param(p, r, marks=pytest.mark.family(p.removeprefix("tiny-") + " pipeline",
@@ -59,7 +61,8 @@ def test_pipeline_calibrated_method(model, recipe, tmp_path):
 @pytest.mark.parametrize("model,what", [
     pytest.param(m, w, marks=pytest.mark.family(m.removeprefix("tiny-") + " pipeline", "dgq (attention: log)", "refusal"))
     for m, w in (("tiny-flux", "FluxAttention attention"), ("tiny-sd3", "JointAttnProcessor2_0"),
-                 ("tiny-wan", "WanAttention attention"), ("tiny-sana", "SanaLinearAttnProcessor"))])
+                 ("tiny-wan", "WanAttention attention"), ("tiny-sana", "SanaLinearAttnProcessor"),
+                 ("tiny-qwen-image", "QwenDoubleStreamAttnProcessor"))])
 def test_dgq_attention_on_joint_attention_refuses(model, what, tmp_path):
     msg = one_line_error(cli("quantize", f"zoo:{model}", "--out", tmp_path / "o", "--recipe", "dgq-w8a6"))
     assert "dgq's attention quantizer does not cover" in msg and what in msg and "attention: none" in msg
