@@ -1,8 +1,8 @@
-"""Calibration from the real pipelines (FluxPipeline, StableDiffusion3Pipeline, QwenImagePipeline, WanPipeline, SanaPipeline with
-their flow-matching schedulers, StableDiffusionXLPipeline with Euler): EDA-DM (one reconstruction iteration)
-and DGQ calibrate on the sampler's own steps, save, reload with quantkit.load and sample the same latents as
-the in-memory quantized pipeline. DGQ's attention quantizer
-does not cover joint attention: asking for it is a one-line refusal before any work."""
+"""Calibration from the real pipelines (FluxPipeline, StableDiffusion3Pipeline, QwenImagePipeline, WanPipeline,
+SanaPipeline with their flow-matching schedulers, StableDiffusionXLPipeline with Euler): EDA-DM (one
+reconstruction iteration) and DGQ calibrate on the sampler's own steps, save, reload with quantkit.load and
+sample the same latents as the in-memory quantized pipeline. DGQ's attention quantizer covers plain softmax
+attention only: asking for it on joint / FLUX / Wan / linear attention is a one-line refusal before any work."""
 import pytest
 import torch
 
