@@ -25,6 +25,14 @@ def _signature(module: nn.Module) -> tuple:
     return (type(module).__name__, tuple((n, tuple(p.shape)) for n, p in module.named_parameters()))
 
 
+def _unhandled(m: nn.Module) -> bool:
+    from quantkit.adapters.experts import classify_experts
+
+    w = m._parameters.get("weight")
+    return (isinstance(w, nn.Parameter) and w.dim() >= 2 and classify_experts(m) is None
+            and not isinstance(m, (nn.Linear, nn.Conv2d, nn.Embedding)))
+
+
 def repeated_blocks(root: nn.Module) -> tuple[str, nn.ModuleList] | None:
     """(name, list) of the ModuleList of >= 2 identical layers holding the most parameters, or None."""
     best, best_size = None, 0
@@ -70,6 +78,13 @@ class GenericAdapter(ModelAdapter):
             "with weight-only or dynamic activations can run on it", family, type(root).__name__, len(layers),
             type(layers[0]).__name__, self._prefix, heads, len(outside),
             f" ({', '.join(outside[:3])}{', ...' if len(outside) > 3 else ''})" if outside else "")
+
+        # Weight-holding layers quantkit has no quantized form for (e.g. GPT-2's transformers Conv1D) stay in full
+        # precision: say so rather than leave them silently.
+        left = sorted({type(m).__name__ for n, m in root.named_modules() if self._inside(n) and _unhandled(m)})
+        if left:
+            log.warning("unknown model family %s: layers of type %s inside its blocks have no quantized form in "
+                        "quantkit and stay in full precision", family, ", ".join(left))
 
     def _inside(self, name: str) -> bool:
         return name.startswith(self._prefix + ".") if self._prefix else True

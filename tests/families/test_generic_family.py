@@ -74,3 +74,16 @@ def test_no_repeated_blocks_is_one_line(tmp_path):
 
     with pytest.raises(QuantkitError, match="no adapter for Sequential"):
         adapter_for(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 4)))
+
+
+def test_unhandled_layers_in_blocks_are_named(caplog):
+    import transformers
+
+    from quantkit.adapters import adapter_for
+
+    torch.manual_seed(0)
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4,
+                                                                n_positions=64))
+    with caplog.at_level(logging.WARNING):
+        adapter_for(gpt2)
+    assert any("Conv1D" in r.getMessage() and "full precision" in r.getMessage() for r in caplog.records)
