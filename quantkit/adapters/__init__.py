@@ -8,7 +8,8 @@ from quantkit.adapters.base import (CallArgs, ModelAdapter, is_fused_experts, is
 from quantkit.adapters.clip import CLIPAdapter
 from quantkit.adapters.dit import DiTAdapter
 from quantkit.adapters.generic import GenericAdapter
-from quantkit.adapters.mmdit import FluxAdapter, QwenImageAdapter, SanaAdapter, SD3Adapter, WanAdapter
+from quantkit.adapters.mmdit import (FluxAdapter, HunyuanDiTAdapter, QwenImageAdapter, SanaAdapter, SD3Adapter,
+                                     WanAdapter)
 from quantkit.adapters.moe_lm import CausalLMAdapter
 from quantkit.adapters.unet import UNetAdapter
 from quantkit.errors import QuantkitError
@@ -17,7 +18,8 @@ from quantkit.errors import QuantkitError
 # Family adapters that know a class by name come before the structural DiT match (FLUX and SD3 have a
 # pos_embed and transformer_blocks too).
 ADAPTERS: tuple[type[ModelAdapter], ...] = (UNetAdapter, FluxAdapter, SD3Adapter, QwenImageAdapter, SanaAdapter,
-                                            WanAdapter, DiTAdapter, CausalLMAdapter, CLIPAdapter, GenericAdapter)
+                                            WanAdapter, HunyuanDiTAdapter, DiTAdapter, CausalLMAdapter, CLIPAdapter,
+                                            GenericAdapter)
 
 
 def adapter_for(root: nn.Module) -> ModelAdapter:

@@ -1,5 +1,5 @@
 """Modern diffusion transformers: FLUX.1 (double- then single-stream blocks), SD3/SD3.5 (MMDiT), Qwen-Image,
-SANA (linear attention) and Wan 2.x (video).
+SANA (linear attention), Wan 2.x (video) and HunyuanDiT.
 
 Each adapter knows its family's blocks (in execution order), the roles of the layers outside them and of
 the conditioning layers inside them, its forward signature (synthetic inputs of the right shapes) and the
@@ -234,3 +234,36 @@ class WanAdapter(DiffusionTransformerAdapter):
                                             size["width"])
         return size
 
+
+
+class HunyuanDiTAdapter(DiffusionTransformerAdapter):
+    name = "diffusers-hunyuan-dit"
+    classes = ("HunyuanDiT2DModel",)
+    block_lists = ("blocks",)  # later blocks also take an earlier block's output (long skips): captured as kwargs
+    conv_in = (r"pos_embed\..*", r"text_embedder\..*")
+    time = (r"time_extra_emb\..*",)
+    modulation = (r"norm_out\.linear", r"blocks\.\d+\.norm1\.linear")
+
+    def synthetic_inputs(self, root: nn.Module, n: int, seed: int) -> list[CallArgs]:
+        from diffusers.models.embeddings import get_2d_rotary_pos_embed
+
+        cfg, g = root.config, torch.Generator().manual_seed(seed)
+        side = self.latent_grid(root)
+        grid = side // cfg.patch_size
+        # The rotary table HunyuanDiTPipeline builds for a square image (its crop region is the whole grid).
+        rotary = get_2d_rotary_pos_embed(root.inner_dim // root.num_heads, ((0, 0), (grid, grid)), (grid, grid),
+                                         output_type="pt")
+        out = []
+        for _ in range(n):
+            kw = {"hidden_states": torch.randn(1, cfg.in_channels, side, side, generator=g),
+                  "timestep": torch.randint(1, 1000, (1,), generator=g).float(),
+                  "encoder_hidden_states": torch.randn(1, cfg.text_len, cfg.cross_attention_dim, generator=g),
+                  "text_embedding_mask": torch.ones(1, cfg.text_len, dtype=torch.long),
+                  "encoder_hidden_states_t5": torch.randn(1, cfg.text_len_t5, cfg.cross_attention_dim_t5, generator=g),
+                  "text_embedding_mask_t5": torch.ones(1, cfg.text_len_t5, dtype=torch.long),
+                  "image_rotary_emb": rotary}
+            if cfg.use_style_cond_and_image_meta_size:
+                kw["image_meta_size"] = torch.tensor([[8 * side, 8 * side, 8 * side, 8 * side, 0, 0]]).float()
+                kw["style"] = torch.zeros(1, dtype=torch.long)
+            out.append(CallArgs((), kw))
+        return out

@@ -22,6 +22,10 @@ DIT_FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     "wan": ("WanTransformer3DModel", dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=32,
                                           in_channels=4, out_channels=4, text_dim=32, freq_dim=32, ffn_dim=64,
                                           num_layers=2, rope_max_seq_len=32)),
+    "hunyuan_dit": ("HunyuanDiT2DModel", dict(num_attention_heads=2, attention_head_dim=32, in_channels=4, patch_size=2,
+                                              sample_size=8, hidden_size=64, num_layers=4, cross_attention_dim=32,
+                                              cross_attention_dim_t5=32, pooled_projection_dim=32, text_len=6,
+                                              text_len_t5=6)),
 }
 
 

@@ -20,7 +20,7 @@ RECIPES = {"rtn-w8a8": lambda: Recipe.load("rtn-w8a8"),
 CASES = [pytest.param(f, r, marks=pytest.mark.family(f, r, "diffusion"), id=f"{f}-{r}") for f in DIT_FAMILIES
          for r in RECIPES]
 EXPECTED_ADAPTER = {"flux": "diffusers-flux", "sd3": "diffusers-sd3", "qwen_image": "diffusers-qwen-image",
-                    "sana": "diffusers-sana", "wan": "diffusers-wan"}
+                    "sana": "diffusers-sana", "wan": "diffusers-wan", "hunyuan_dit": "diffusers-hunyuan-dit"}
 
 
 def _out(adapter, model, call):
@@ -49,7 +49,7 @@ def test_dit_family_quantize_reload(family, recipe, tmp_path):
     assert [b for b in result.blocks if b] == [n for n, _ in adapter.blocks(loaded.root)]
     skipped = set(result.skipped.values())
     assert {"time_embedding", "conv_in", "conv_out"} <= skipped
-    if family in ("flux", "sd3", "qwen_image"):  # SANA / Wan modulate by parameter tables, not linears
+    if family in ("flux", "sd3", "qwen_image", "hunyuan_dit"):  # SANA / Wan modulate by parameter tables, not linears
         assert "norm" in skipped
     assert all(rec_["role"] not in ("time_embedding", "norm", "conv_in", "conv_out") for rec_ in result.layers.values())
 
