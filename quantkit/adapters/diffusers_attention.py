@@ -28,6 +28,12 @@ def attention_modules(root: nn.Module) -> list[tuple[str, nn.Module]]:
 STANDARD_PROCESSORS = ("AttnProcessor", "AttnProcessor2_0", "QuantAttnProcessor")
 
 
+def is_joint(attn: nn.Module) -> bool:
+    from quantkit.adapters.joint_attention import is_joint as joint
+
+    return joint(attn)
+
+
 def uncovered_attention(root: nn.Module) -> tuple[str, str] | None:
     """(name, why) of the first attention layer of `root` QuantAttnProcessor cannot stand in for, else None.
     Attention layers are found by what they are (q/k projections), whatever their class: FLUX's FluxAttention,
@@ -40,6 +46,8 @@ def uncovered_attention(root: nn.Module) -> tuple[str, str] | None:
         if not isinstance(m, Attention):
             return name, f"{type(m).__name__} attention"
         proc = type(getattr(m, "processor", None)).__name__
+        if is_joint(m):
+            continue  # SD3-style joint attention: QuantJointAttnProcessor
         if proc not in STANDARD_PROCESSORS:
             return name, f"the {proc} attention processor"
         why = unsupported(m)
@@ -138,6 +146,13 @@ class QuantAttnProcessor(nn.Module):
 
 def install_processor(attn: nn.Module, record: dict[str, Any]) -> QuantAttnProcessor:
     """Give `attn` a fresh QuantAttnProcessor (registered as its `processor` submodule)."""
+    if record.get("joint") or is_joint(attn):
+        from quantkit.adapters.joint_attention import QuantJointAttnProcessor
+
+        record["joint"] = True  # kept in quantization.json: the checkpoint says which processor it holds
+        proc: QuantAttnProcessor = QuantJointAttnProcessor(record)
+        attn.set_processor(proc)
+        return proc
     why = unsupported(attn)
     if why is not None:
         raise QuantkitError(f"attention of type {type(attn).__name__} uses {why}; quantkit's attention quantizer "

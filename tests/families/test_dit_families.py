@@ -70,3 +70,24 @@ def test_flux_blocks_roles():
     assert roles["proj_out"] == "conv_out"
     assert roles["single_transformer_blocks.0.proj_out"] == "linear"  # a block's own projection, not the model's
     assert roles["transformer_blocks.0.attn.add_q_proj"] == "attention"
+
+
+@pytest.mark.parametrize("last", [False, True])
+def test_joint_attention_processor_matches_diffusers_without_quantizers(last):
+    """With its quantizers switched to identity, DGQ's joint processor computes SD3's JointAttnProcessor2_0."""
+    from quantkit.adapters.joint_attention import QuantJointAttnProcessor
+
+    model = build_dit("sd3")
+    attn = model.transformer_blocks[-1 if last else 0].attn
+    x, ctx = torch.randn(2, 16, 64), torch.randn(2, 6, 64)
+    with torch.no_grad():
+        ref = attn(x, ctx)
+        proc = QuantJointAttnProcessor({"bits": 8, "groups": 4, "probs": "log", "timestep_aware": False})
+        proc.q_quant = proc.k_quant = proc.v_quant = proc.p_quant = proc.p_txt_quant = torch.nn.Identity()
+        attn.set_processor(proc)
+        out = attn(x, ctx)
+    ref = [t for t in (ref if isinstance(ref, tuple) else (ref,)) if t is not None]
+    out = [t for t in (out if isinstance(out, tuple) else (out,)) if t is not None]
+    assert len(ref) == len(out)
+    for a, b in zip(ref, out):
+        assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
