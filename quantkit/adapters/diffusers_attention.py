@@ -18,10 +18,10 @@ from quantkit.quantizers.log_attention import LogProbQuantizer
 
 
 def attention_modules(root: nn.Module) -> list[tuple[str, nn.Module]]:
-    """diffusers Attention modules of `root`, by name."""
+    """diffusers Attention modules of `root` (and FLUX's FluxAttention), by name."""
     from diffusers.models.attention_processor import Attention
 
-    return [(n, m) for n, m in root.named_modules() if isinstance(m, Attention)]
+    return [(n, m) for n, m in root.named_modules() if isinstance(m, Attention) or (is_joint(m) and hasattr(m, "to_q"))]
 
 
 # Processors computing plain softmax(QK^T)V attention, which QuantAttnProcessor reproduces.
@@ -43,11 +43,11 @@ def uncovered_attention(root: nn.Module) -> tuple[str, str] | None:
     for name, m in root.named_modules():
         if not (hasattr(m, "to_q") and hasattr(m, "to_k")):
             continue
+        if is_joint(m):
+            continue  # SD3 / FLUX joint attention: adapters/joint_attention.py
         if not isinstance(m, Attention):
             return name, f"{type(m).__name__} attention"
         proc = type(getattr(m, "processor", None)).__name__
-        if is_joint(m):
-            continue  # SD3-style joint attention: QuantJointAttnProcessor
         if proc not in STANDARD_PROCESSORS:
             return name, f"the {proc} attention processor"
         why = unsupported(m)
@@ -147,10 +147,10 @@ class QuantAttnProcessor(nn.Module):
 def install_processor(attn: nn.Module, record: dict[str, Any]) -> QuantAttnProcessor:
     """Give `attn` a fresh QuantAttnProcessor (registered as its `processor` submodule)."""
     if record.get("joint") or is_joint(attn):
-        from quantkit.adapters.joint_attention import QuantJointAttnProcessor
+        from quantkit.adapters.joint_attention import QuantFluxAttnProcessor, QuantJointAttnProcessor, is_flux
 
         record["joint"] = True  # kept in quantization.json: the checkpoint says which processor it holds
-        proc: QuantAttnProcessor = QuantJointAttnProcessor(record)
+        proc: QuantAttnProcessor = (QuantFluxAttnProcessor if is_flux(attn) else QuantJointAttnProcessor)(record)
         attn.set_processor(proc)
         return proc
     why = unsupported(attn)

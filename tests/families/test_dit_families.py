@@ -91,3 +91,19 @@ def test_joint_attention_processor_matches_diffusers_without_quantizers(last):
     assert len(ref) == len(out)
     for a, b in zip(ref, out):
         assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+
+
+def test_flux_attention_processor_matches_diffusers_without_quantizers():
+    """With its quantizers switched to identity, DGQ's FLUX processor computes FLUX (double and single blocks)."""
+    from quantkit.adapters.joint_attention import QuantFluxAttnProcessor
+
+    model = build_dit("flux")
+    call = adapter_for(model).synthetic_inputs(model, 1, 0)[0]
+    with torch.no_grad():
+        ref = model(*call.args, **call.kwargs).sample
+        for block in list(model.transformer_blocks) + list(model.single_transformer_blocks):
+            proc = QuantFluxAttnProcessor({"bits": 8, "groups": 4, "probs": "log", "timestep_aware": False})
+            proc.q_quant = proc.k_quant = proc.v_quant = proc.p_quant = proc.p_txt_quant = torch.nn.Identity()
+            block.attn.set_processor(proc)
+        out = model(*call.args, **call.kwargs).sample
+    assert torch.allclose(ref, out, atol=1e-5), (ref - out).abs().max()
