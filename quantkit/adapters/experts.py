@@ -159,12 +159,32 @@ def canonical_weights(module: nn.Module, layout: ExpertLayout) -> tuple[torch.Te
     return gu, dn
 
 
-def _router_like_weight(module: nn.Module) -> torch.Tensor | None:
-    """The [out, in] weight of a linear or of a custom router module (a 2-D `weight` parameter)."""
-    w = getattr(module, "weight", None)
-    if isinstance(module, nn.Linear) or (isinstance(w, nn.Parameter) and w.dim() == 2
-                                         and not isinstance(module, TORCH_LAYERS)):
-        return w
+def _out_in(module: nn.Module) -> tuple[int, int] | None:
+    """(out, in) of a linear-like module: nn.Linear, a custom router with a 2-D `weight`, or their quantized
+    replacements (QuantLinear / QuantRouter)."""
+    if isinstance(module, nn.Linear):
+        return module.out_features, module.in_features
+    if isinstance(module, TORCH_LAYERS):
+        return None
+    w = module._parameters.get("weight")
+    if isinstance(w, nn.Parameter) and w.dim() == 2:
+        return tuple(w.shape)  # type: ignore[return-value]
+    if hasattr(module, "qweight") and hasattr(module, "out_features") and hasattr(module, "in_features") \
+            and not hasattr(module, "num_experts"):
+        return module.out_features, module.in_features
+    return None
+
+
+def _experts_geometry(module: nn.Module) -> tuple[int, int] | None:
+    """(num_experts, input dim) of an experts module, full precision or already quantized."""
+    lay = expert_layout(module)
+    if lay is not None:
+        return lay.num_experts, lay.in_dim
+    if hasattr(module, "qweight") or hasattr(module, "gate_up_qweight"):
+        if hasattr(module, "num_experts") and hasattr(module, "hidden_dim"):
+            return module.num_experts, module.hidden_dim  # QuantExperts
+        if hasattr(module, "num_experts") and hasattr(module, "in_features"):
+            return module.num_experts, module.in_features  # QuantParallelExperts
     return None
 
 
@@ -174,26 +194,26 @@ def moe_roles(root: nn.Module) -> dict[int, str]:
     The MoE block is the parent of an experts module. In it, a linear (or custom router) reading the hidden
     state whose output has one entry per expert is the router (its output is what picks the experts), one
     with a single output is a shared expert's gate; the experts are experts; every other linear of the
-    block belongs to a shared expert. Names (`gate`, `router`, `wg`, ...) play no part."""
+    block belongs to a shared expert. Names (`gate`, `router`, `wg`, ...) play no part. Works on a quantized
+    model too (quantized experts and routers keep their geometry)."""
     roles: dict[int, str] = {}
     modules = dict(root.named_modules())
     for name, module in modules.items():
-        lay = expert_layout(module)
-        if lay is None:
+        geo = _experts_geometry(module)
+        if geo is None:
             continue
-        parent_name = name.rpartition(".")[0]
-        block = modules.get(parent_name, root)
-        experts = [m for m in block.modules() if expert_layout(m) is not None]
+        n_experts, hidden = geo
+        block = modules.get(name.rpartition(".")[0], root)
+        experts = [m for m in block.modules() if _experts_geometry(m) is not None]
         inside = {id(s) for m in experts for s in m.modules()}
-        hidden = lay.in_dim
         for sub in block.modules():
             if id(sub) in inside:
                 roles[id(sub)] = "expert"
                 continue
-            w = _router_like_weight(sub)
-            if w is None:
+            shape = _out_in(sub)
+            if shape is None:
                 continue
-            if w.shape[-1] == hidden and w.shape[0] in (lay.num_experts, 1):
+            if shape[1] == hidden and shape[0] in (n_experts, 1):
                 roles[id(sub)] = "router"
             elif id(sub) not in roles:
                 roles[id(sub)] = "shared_expert"

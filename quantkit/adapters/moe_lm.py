@@ -9,6 +9,7 @@ from quantkit.adapters.base import CallArgs, ModelAdapter, is_fused_experts
 from quantkit.adapters.experts import expert_layout, moe_roles
 from quantkit.adapters.outliers import norm_gain_outliers, pick_channels
 
+ROLE_ATTR = "_quantkit_moe_role"
 # Linears that read the normalized residual stream directly (so a norm's gain can be folded into them).
 ATTENTION_INPUTS = ("q_proj", "k_proj", "v_proj", "qkv_proj", "q_a_proj", "kv_a_proj_with_mqa")
 MLP_INPUTS = ("gate_proj", "up_proj")
@@ -23,12 +24,20 @@ class CausalLMAdapter(ModelAdapter):
         inner = getattr(root, "model", None)
         return hasattr(root, "lm_head") and inner is not None and hasattr(inner, "layers")
 
-    def __init__(self) -> None:
-        self._moe_roles: dict[int, str] = {}
-
     def prepare(self, root: nn.Module) -> None:
-        # Routers, experts and shared experts are found from each MoE block's structure, not their names.
-        self._moe_roles = moe_roles(root)
+        # Routers, experts and shared experts are found from each MoE block's structure, not their names. The
+        # role is kept on the module itself, so any adapter instance (e.g. evaluating a quantized model against
+        # its full-precision reference) answers for any prepared model.
+        for m in root.modules():
+            m.__dict__.pop(ROLE_ATTR, None)
+        roles = moe_roles(root)
+        for m in root.modules():
+            if id(m) in roles:
+                m.__dict__[ROLE_ATTR] = roles[id(m)]
+
+    @staticmethod
+    def structural_role(module: nn.Module) -> str | None:
+        return module.__dict__.get(ROLE_ATTR)
 
     def blocks(self, root: nn.Module) -> list[tuple[str, nn.Module]]:
         return [(f"model.layers.{i}", layer) for i, layer in enumerate(root.model.layers)]
@@ -39,7 +48,7 @@ class CausalLMAdapter(ModelAdapter):
             return "lm_head"
         if isinstance(module, nn.Embedding) or "embed" in parts[-1]:
             return "embedding"
-        structural = self._moe_roles.get(id(module))
+        structural = self.structural_role(module)
         if structural is not None:
             return structural
         if is_fused_experts(module):  # an experts-like module of unknown layout: planning reports it
@@ -64,7 +73,7 @@ class CausalLMAdapter(ModelAdapter):
                 lay = expert_layout(m)
                 if lay is not None and lay.standard:
                     weights.append(m.gate_up_proj)
-                elif self._moe_roles.get(id(m)) == "router" or (
+                elif self.structural_role(m) == "router" or (
                         last in inputs and isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 2):
                     weights.append(m.weight)
             pairs.append((norm, weights))
