@@ -98,10 +98,14 @@ def main() -> int:
         "diffusion": "Synthetic inputs of the family's forward signature; blocks (FLUX: double- then single-stream) "
                      "are the units; adaLN modulation, time/guidance/pooled-text embedders, the stream input "
                      "projections (patch and context embedders) and the final projection stay in full precision.",
-        "pipeline": "Calibration from the pipeline's own sampler and scheduler (flow matching for FLUX, SD3, Wan); "
-                    "EDA-DM with one reconstruction iteration; DGQ's group activation quantizers, and its attention "
-                    "quantizers where the attention is plain softmax attention (SDXL); joint / FLUX / Wan "
-                    "attention refuses DGQ's attention quantizer in one line (use `attention: none`).",
+        "pipeline": "Calibration from the pipeline's own sampler and scheduler (flow matching for FLUX, SD3, "
+                    "Qwen-Image, SANA, Wan; Euler for SDXL), at a capped size (adapters/mmdit.py); EDA-DM with one "
+                    "reconstruction iteration; DGQ's group activation quantizers everywhere, and its Q/K/V group and "
+                    "log2 probability quantizers on plain softmax attention (SDXL), SD3 joint attention and FLUX "
+                    "attention (text-key columns with their own per-prompt scale). Qwen-Image's double-stream, "
+                    "Wan's and SANA's linear attention refuse DGQ's attention quantizer in one line (use "
+                    "`attention: none`). Each *yes*: the reloaded pipeline samples the same latents as the "
+                    "in-memory quantized one.",
     }
     for kind, title in SECTIONS:
         t = table(rows, kind)

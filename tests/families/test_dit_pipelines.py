@@ -22,8 +22,9 @@ PIPELINES = {"tiny-flux": "FluxTransformer2DModel", "tiny-sd3": "SD3Transformer2
              "tiny-wan": "WanTransformer3DModel", "tiny-sana": "SanaTransformer2DModel",
              "tiny-sdxl": "UNet2DConditionModel"}
 CASES = [pytest.param(p, r, marks=pytest.mark.family(p.removeprefix("tiny-") + " pipeline",
-                                                     r.split("-w")[0] + (" (attention: none)" if r.startswith("dgq")
-                                                                         and p not in FULL_DGQ else ""),
+                                                     r.split("-w")[0] + ("" if not r.startswith("dgq") else
+                                                                         " (attention: log)" if p in FULL_DGQ
+                                                                         else " (attention: none)"),
                                                      "pipeline"),
                       id=f"{p}-{r}") for p in PIPELINES for r in OPTIONS]
 
