@@ -101,10 +101,9 @@ def main() -> int:
         "pipeline": "Calibration from the pipeline's own sampler and scheduler (flow matching for FLUX, SD3, "
                     "Qwen-Image, SANA, Wan; Euler for SDXL), at a capped size (adapters/mmdit.py); EDA-DM with one "
                     "reconstruction iteration; DGQ's group activation quantizers everywhere, and its Q/K/V group and "
-                    "log2 probability quantizers on plain softmax attention (SDXL), SD3 joint attention and FLUX "
-                    "attention (text-key columns with their own per-prompt scale). Qwen-Image's double-stream, "
-                    "Wan's and SANA's linear attention refuse DGQ's attention quantizer in one line (use "
-                    "`attention: none`). Each *yes*: the reloaded pipeline samples the same latents as the "
+                    "log2 probability quantizers on plain softmax attention (SDXL) and on SD3, FLUX and Qwen-Image "
+                    "joint attention (text-key columns with their own per-prompt scale). Wan's attention and SANA's "
+                    "linear attention refuse DGQ's attention quantizer in one line (use `attention: none`). Each *yes*: the reloaded pipeline samples the same latents as the "
                     "in-memory quantized one.",
     }
     for kind, title in SECTIONS:

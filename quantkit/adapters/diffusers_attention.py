@@ -44,7 +44,7 @@ def uncovered_attention(root: nn.Module) -> tuple[str, str] | None:
         if not (hasattr(m, "to_q") and hasattr(m, "to_k")):
             continue
         if is_joint(m):
-            continue  # SD3 / FLUX joint attention: adapters/joint_attention.py
+            continue  # SD3 / FLUX / Qwen-Image joint attention: adapters/joint_attention.py
         if not isinstance(m, Attention):
             return name, f"{type(m).__name__} attention"
         proc = type(getattr(m, "processor", None)).__name__
@@ -147,10 +147,10 @@ class QuantAttnProcessor(nn.Module):
 def install_processor(attn: nn.Module, record: dict[str, Any]) -> QuantAttnProcessor:
     """Give `attn` a fresh QuantAttnProcessor (registered as its `processor` submodule)."""
     if record.get("joint") or is_joint(attn):
-        from quantkit.adapters.joint_attention import QuantFluxAttnProcessor, QuantJointAttnProcessor, is_flux
+        from quantkit.adapters.joint_attention import joint_processor
 
         record["joint"] = True  # kept in quantization.json: the checkpoint says which processor it holds
-        proc: QuantAttnProcessor = (QuantFluxAttnProcessor if is_flux(attn) else QuantJointAttnProcessor)(record)
+        proc: QuantAttnProcessor = joint_processor(attn)(record)
         attn.set_processor(proc)
         return proc
     why = unsupported(attn)

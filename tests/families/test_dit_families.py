@@ -93,16 +93,20 @@ def test_joint_attention_processor_matches_diffusers_without_quantizers(last):
         assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
 
 
-def test_flux_attention_processor_matches_diffusers_without_quantizers():
-    """With its quantizers switched to identity, DGQ's FLUX processor computes FLUX (double and single blocks)."""
-    from quantkit.adapters.joint_attention import QuantFluxAttnProcessor
+@pytest.mark.parametrize("family", ["flux", "qwen_image"])
+def test_flux_qwen_attention_processors_match_diffusers_without_quantizers(family):
+    """With their quantizers switched to identity, DGQ's FLUX / Qwen-Image processors compute the model (FLUX's
+    double and single blocks; Qwen-Image's text mask with a padded token)."""
+    from quantkit.adapters.joint_attention import joint_processor
 
-    model = build_dit("flux")
+    model = build_dit(family)
     call = adapter_for(model).synthetic_inputs(model, 1, 0)[0]
+    if family == "qwen_image":
+        call.kwargs["encoder_hidden_states_mask"][:, -1] = 0
     with torch.no_grad():
         ref = model(*call.args, **call.kwargs).sample
-        for block in list(model.transformer_blocks) + list(model.single_transformer_blocks):
-            proc = QuantFluxAttnProcessor({"bits": 8, "groups": 4, "probs": "log", "timestep_aware": False})
+        for block in list(model.transformer_blocks) + list(getattr(model, "single_transformer_blocks", [])):
+            proc = joint_processor(block.attn)({"bits": 8, "groups": 4, "probs": "log", "timestep_aware": False})
             proc.q_quant = proc.k_quant = proc.v_quant = proc.p_quant = proc.p_txt_quant = torch.nn.Identity()
             block.attn.set_processor(proc)
         out = model(*call.args, **call.kwargs).sample

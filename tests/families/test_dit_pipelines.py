@@ -2,8 +2,8 @@
 SanaPipeline with their flow-matching schedulers, StableDiffusionXLPipeline with Euler): EDA-DM (one
 reconstruction iteration) and DGQ calibrate on the sampler's own steps, save, reload with quantkit.load and
 sample the same latents as the in-memory quantized pipeline. DGQ's attention quantizer covers plain softmax
-and SD3 / FLUX joint attention: asking for it on Qwen-Image / Wan / linear attention is a one-line refusal
-before any work."""
+and SD3 / FLUX / Qwen-Image joint attention: asking for it on Wan's or SANA's linear attention is a one-line
+refusal before any work."""
 import pytest
 import torch
 
@@ -15,8 +15,8 @@ from quantkit.pipeline import quantize_model
 from helpers import cli, one_line_error
 
 OPTIONS = {"eda-dm-w8a8": {"iters": 1, "batch_size": 2}, "dgq-w8a6": {"attention": "none", "calib_steps": 2}}
-# SDXL's UNet has plain (self / cross) attention, SD3 and FLUX joint attention: DGQ quantizes them too.
-FULL_DGQ = {"tiny-sdxl", "tiny-sd3", "tiny-flux"}
+# SDXL's UNet has plain (self / cross) attention, SD3 / FLUX / Qwen-Image joint attention: DGQ quantizes them.
+FULL_DGQ = {"tiny-sdxl", "tiny-sd3", "tiny-flux", "tiny-qwen-image"}
 PIPELINES = {"tiny-flux": "FluxTransformer2DModel", "tiny-sd3": "SD3Transformer2DModel",
              "tiny-qwen-image": "QwenImageTransformer2DModel",
              "tiny-wan": "WanTransformer3DModel", "tiny-sana": "SanaTransformer2DModel",
@@ -66,14 +66,13 @@ def test_pipeline_calibrated_method(model, recipe, tmp_path):
 
         procs = [m.processor for m in reloaded_root(reloaded).modules() if hasattr(m, "to_q")]
         assert procs and all(isinstance(p, QuantAttnProcessor) for p in procs)
-        if model in ("tiny-sd3", "tiny-flux"):
+        if model in ("tiny-sd3", "tiny-flux", "tiny-qwen-image"):
             assert all(rec["joint"] for rec in result.extras["attention"].values())
 
 
 @pytest.mark.parametrize("model,what", [
     pytest.param(m, w, marks=pytest.mark.family(m.removeprefix("tiny-") + " pipeline", "dgq (attention: log)", "refusal"))
-    for m, w in (("tiny-wan", "WanAttention attention"), ("tiny-sana", "SanaLinearAttnProcessor"),
-                 ("tiny-qwen-image", "QwenDoubleStreamAttnProcessor"))])
+    for m, w in (("tiny-wan", "WanAttention attention"), ("tiny-sana", "SanaLinearAttnProcessor"))])
 def test_dgq_attention_on_joint_attention_refuses(model, what, tmp_path):
     msg = one_line_error(cli("quantize", f"zoo:{model}", "--out", tmp_path / "o", "--recipe", "dgq-w8a6"))
     assert "dgq's attention quantizer does not cover" in msg and what in msg and "attention: none" in msg
