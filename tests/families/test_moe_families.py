@@ -61,3 +61,29 @@ def test_moe_family_quantize_reload(family, recipe, tmp_path):
     assert sum(lay["params"] for lay in expert_rows) == n_expert_params
     # Routers are found by structure and stay in full precision by default.
     assert "router" in result.skipped.values()
+
+
+@pytest.mark.parametrize("recipe", [pytest.param(r, marks=pytest.mark.family("gpt_oss (hub MXFP4 source)", r, "moe"))
+                                    for r in RECIPES])
+def test_gpt_oss_native_mxfp4_source(recipe, tmp_path, caplog):
+    """A gpt-oss checkpoint as the hub ships it (MXFP4 experts): transformers dequantizes it on load, quantkit says
+    so and requantizes from those weights."""
+    import logging
+
+    from mxfp4_source import write_native_mxfp4
+
+    fp = build("gpt_oss")
+    write_native_mxfp4(fp, tmp_path / "src")
+    with caplog.at_level(logging.WARNING):
+        loaded = load_model(str(tmp_path / "src"))
+    assert any("mxfp4" in r.getMessage() and "requantiz" in r.getMessage() for r in caplog.records)
+    src_w = loaded.root.model.layers[0].mlp.experts.gate_up_proj
+    ref_w = fp.model.layers[0].mlp.experts.gate_up_proj
+    assert 0 < (src_w.float() - ref_w).abs().max() < 0.1  # the MXFP4 source, not the FP model
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    rec = RECIPES[recipe]()
+    result = quantize_model(loaded, rec)
+    q = _logits(loaded.root, ids)
+    reloaded = quantkit.load(save_checkpoint(loaded, rec, result, tmp_path / "ckpt"))
+    assert torch.allclose(q, _logits(reloaded, ids), rtol=1e-4, atol=1e-4)
+    assert _expert_params(reloaded) == 0
