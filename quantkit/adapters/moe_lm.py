@@ -2,6 +2,8 @@
 DeepSeek-V3 (and dense decoder LMs of the same shape)."""
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
@@ -9,7 +11,40 @@ from quantkit.adapters.base import CallArgs, ModelAdapter, is_fused_experts
 from quantkit.adapters.experts import expert_layout, moe_roles
 from quantkit.adapters.outliers import norm_gain_outliers, pick_channels
 
+log = logging.getLogger(__name__)
 ROLE_ATTR = "_quantkit_moe_role"
+
+
+@torch.no_grad()
+def gain_is_linear(norm: nn.Module) -> bool:
+    """Whether norm(x) scales with its gain (y = g * n(x) [+ b]): checked by running it, not by its class."""
+    w = getattr(norm, "weight", None)
+    if not isinstance(w, torch.Tensor) or w.dim() != 1 or w.is_meta:
+        return False
+    x = torch.randn(2, w.numel(), generator=torch.Generator().manual_seed(0)).to(w)
+    bias = getattr(norm, "bias", None)
+    saved_b = None if bias is None else bias.detach().clone()
+    saved_w = w.detach().clone()
+    try:
+        if bias is not None:
+            bias.zero_()
+        y1 = norm(x)
+        w.mul_(2)
+        y2 = norm(x)
+    finally:
+        w.copy_(saved_w)
+        if bias is not None:
+            bias.copy_(saved_b)
+    return bool(torch.allclose(y2, 2 * y1, rtol=1e-3, atol=1e-5))
+
+
+_warned: set[str] = set()
+
+
+def _warn_unfoldable(layer: str, why: str) -> None:
+    if layer not in _warned:
+        _warned.add(layer)
+        log.warning("%s: no smoothing scale is folded into its norms (%s)", layer, why)
 # Linears that read the normalized residual stream directly (so a norm's gain can be folded into them).
 ATTENTION_INPUTS = ("q_proj", "k_proj", "v_proj", "qkv_proj", "q_a_proj", "kv_a_proj_with_mqa")
 MLP_INPUTS = ("gate_proj", "up_proj")
@@ -60,12 +95,21 @@ class CausalLMAdapter(ModelAdapter):
         return "linear"
 
     def norm_consumers(self, layer: nn.Module) -> list[tuple[nn.Module, list[torch.Tensor]]]:
-        """(norm, weights reading its output) pairs of one decoder layer; weights' last dim is the input."""
+        """(norm, weights reading its output) pairs of one decoder layer; weights' last dim is the input.
+        Only pairs where a scale folded into the norm's gain is exact: pre-norm layers (an input_layernorm;
+        OLMo-2-style post-norm layers normalize sub-layer outputs instead) and norms whose output is linear in
+        their gain (not zero-centered (1 + w) gains as Qwen3-Next's); the others are named in a warning."""
+        if getattr(layer, "input_layernorm", None) is None:
+            _warn_unfoldable(type(layer).__name__, "it has no pre-norm (input_layernorm)")
+            return []
         pairs = []
         for norm_name, sub_name, inputs in (("input_layernorm", "self_attn", ATTENTION_INPUTS),
                                             ("post_attention_layernorm", "mlp", MLP_INPUTS)):
             norm, sub = getattr(layer, norm_name, None), getattr(layer, sub_name, None)
             if norm is None or sub is None or getattr(norm, "weight", None) is None:
+                continue
+            if not gain_is_linear(norm):
+                _warn_unfoldable(type(layer).__name__, f"its {type(norm).__name__} output is not linear in its gain")
                 continue
             weights = []
             for name, m in sub.named_modules():

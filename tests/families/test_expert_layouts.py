@@ -80,3 +80,16 @@ def test_calibrated_method_refuses_non_standard_experts(family):
     model = build(family)
     with pytest.raises(QuantkitError, match="allowed for this layout: rtn with weight-only or dynamic activations"):
         plan_layers(model, adapter_for(model), Recipe.load("eaquant-w4a4"))
+
+
+def test_smoothing_folds_only_where_exact():
+    """Scales are folded into a norm's gain only when that is exact: not into Qwen3-Next's (1 + w) gains, not into
+    OLMo-2-style post-norms (FlexOlmo); Mixtral's pre-norm RMSNorms take them."""
+    from quantkit.adapters.moe_lm import gain_is_linear
+
+    mixtral, qnext, flex = build("mixtral"), build("qwen3_next"), build("flex_olmo")
+    assert gain_is_linear(mixtral.model.layers[0].input_layernorm)
+    assert not gain_is_linear(qnext.model.layers[1].input_layernorm)
+    assert len(adapter_for(mixtral).norm_consumers(mixtral.model.layers[0])) == 2
+    assert adapter_for(qnext).norm_consumers(qnext.model.layers[1]) == []
+    assert adapter_for(flex).norm_consumers(flex.model.layers[0]) == []
