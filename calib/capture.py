@@ -37,7 +37,8 @@ def record_calls(module: torch.nn.Module) -> tuple[list[CallArgs], Any]:
 
 
 def sample_pipeline(pipe: Any, n: int, seed: int, steps: int, prompts: list[str] | None = None,
-                    batch_size: int = 8, output_type: str = "latent", progress: Any = None) -> Any:
+                    batch_size: int = 8, output_type: str = "latent", progress: Any = None,
+                    extra: dict[str, Any] | None = None) -> Any:
     """Run a diffusers pipeline on n prompts / class labels / unconditional samples, in batches."""
     params = inspect.signature(pipe.__call__).parameters
     g = torch.Generator().manual_seed(seed)
@@ -55,6 +56,7 @@ def sample_pipeline(pipe: Any, n: int, seed: int, steps: int, prompts: list[str]
             kwargs["batch_size"] = b
         if "return_dict" in params:
             kwargs["return_dict"] = False
+        kwargs.update(extra or {})  # the family's calibration sampling arguments (adapter.sampling_kwargs)
         if hasattr(pipe, "set_progress_bar_config"):
             pipe.set_progress_bar_config(disable=True)
         outs.append(pipe(**kwargs))
@@ -80,7 +82,8 @@ def pipeline_calls(loaded: Any, n: int, seed: int, steps: int = 10, prompts_file
     calls, handle = record_calls(loaded.root)
     try:
         with torch.no_grad():
-            sample_pipeline(loaded.obj, n, seed, steps, prompts, progress=progress)
+            sample_pipeline(loaded.obj, n, seed, steps, prompts, progress=progress,
+                            extra=loaded.adapter.sampling_kwargs(loaded.obj))
     finally:
         handle.remove()
     return calls

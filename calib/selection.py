@@ -140,6 +140,7 @@ def record_trajectories(loaded: Any, n: int, seed: int, steps: int, prompts: lis
             kwargs["guidance_scale"] = guidance
         if "output_type" in params:
             kwargs["output_type"] = "latent" if "prompt" in params else "np"
+        kwargs.update(loaded.adapter.sampling_kwargs(pipe))  # the family's calibration sampling arguments
         if hasattr(pipe, "set_progress_bar_config"):
             pipe.set_progress_bar_config(disable=True)
         calls, handle = record_calls(root)

@@ -358,7 +358,6 @@ def load(path: str | Path, device: str = "cpu") -> Any:
     comp = meta["model"]["component"]
     if not comp:
         return root
-    from diffusers import DiffusionPipeline
+    from quantkit.pipeline_load import load_pipeline_with
 
-    pipe = DiffusionPipeline.from_pretrained(p, local_files_only=True, **{comp: root})
-    return pipe.to(device)
+    return load_pipeline_with(p, comp, root).to(device)

@@ -9,12 +9,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from quantkit.adapters import ModelAdapter, is_fused_experts, supported_experts_layout
+from quantkit.adapters import ModelAdapter, is_fused_experts, is_parallel_experts, supported_experts_layout
+from quantkit.adapters.experts import expert_layout
 from quantkit.config import ActivationConfig, LayerPlan, Recipe
 from quantkit.errors import QuantkitError
 from quantkit.formats.qweight import QuantizedWeight
 from quantkit.formats.spec import FormatSpec
 from quantkit.nn import QuantConv2d, QuantExperts, QuantLinear
+from quantkit.nn_experts import QuantParallelExperts, build_experts, empty_experts, reduction_sizes
 from quantkit.quant_router import QuantRouter, is_router_module
 from quantkit.quantizers.activation import ActQuantizer
 from quantkit.quantizers.group_act import GroupActQuantizer
@@ -22,7 +24,7 @@ from quantkit.quantizers.online_rotation import attach_empty_rotations, rotation
 
 log = logging.getLogger(__name__)
 
-QUANT_MODULES = (QuantLinear, QuantConv2d, QuantExperts, QuantRouter)
+QUANT_MODULES = (QuantLinear, QuantConv2d, QuantExperts, QuantRouter, QuantParallelExperts)
 
 
 @dataclass
@@ -42,11 +44,13 @@ class LayerTask:
             return "conv2d"
         if is_fused_experts(self.module):
             return "experts"
+        if is_parallel_experts(self.module):
+            return "expert_linear"
         return "embedding" if isinstance(self.module, nn.Embedding) else "router"
 
 
 def is_quantizable(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Linear, nn.Conv2d)) or is_fused_experts(module)
+    return isinstance(module, (nn.Linear, nn.Conv2d)) or is_fused_experts(module) or is_parallel_experts(module)
 
 
 def _full_precision_only(module: nn.Module, role: str) -> bool:
@@ -60,6 +64,7 @@ def _full_precision_only(module: nn.Module, role: str) -> bool:
 
 def plan_layers(root: nn.Module, adapter: ModelAdapter, recipe: Recipe) -> list[LayerTask]:
     """Every quantizable layer of `root` with its plan; fails on an expert layout it cannot quantize."""
+    adapter.check_recipe(recipe)
     tasks = []
     for name, module in root.named_modules():
         if isinstance(module, QUANT_MODULES):
@@ -83,6 +88,8 @@ def plan_layers(root: nn.Module, adapter: ModelAdapter, recipe: Recipe) -> list[
                     f"expert weights of {name} ({type(module).__name__}) cannot be quantized: {why}; "
                     f"add a rule {{name: {name}, skip: true}} to keep them in full precision explicitly"
                 )
+        if task.kind in ("experts", "expert_linear") and not plan.skip:
+            _check_layout_method(name, module, recipe, plan)
         if not plan.skip:
             k = _reduction_sizes(task)
             w = plan.weight
@@ -108,7 +115,20 @@ def _reduction_sizes(task: LayerTask) -> list[int]:
         return [m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1]]
     if task.kind == "router":
         return [m.weight.shape[-1]]
-    return [m.gate_up_proj.shape[-1], m.down_proj.shape[-1]]
+    return reduction_sizes(m)
+
+
+def _check_layout_method(name: str, module: nn.Module, recipe: Recipe, plan: LayerPlan) -> None:
+    """Methods look inside standard experts ([E, 2I, H] / [E, H, I], chunked gate/up, routed call); other
+    layouts take round-to-nearest weights with weight-only or dynamic activations, and say so otherwise."""
+    lay = expert_layout(module)
+    if lay is None or lay.standard:
+        return
+    static = plan.activation is not None and not plan.activation.dynamic
+    if recipe.method != "rtn" or static:
+        raise QuantkitError(
+            f"method {recipe.method!r}{' with static activations' if static else ''} cannot quantize the experts of "
+            f"{name} ({lay.describe()}); allowed for this layout: rtn with weight-only or dynamic activations")
 
 
 def act_channel_dim(task_kind: str) -> int:
@@ -144,9 +164,10 @@ def build_quantized(task: LayerTask, weights: Any = None) -> nn.Module:
         return QuantConv2d.from_conv(task.module, plan.weight, make_act(plan.activation, "conv2d"), weights)
     if task.kind == "router":
         return QuantRouter.from_router(task.module, plan.weight, make_act(plan.activation, "linear"), weights)
-    gu, dn = weights if weights is not None else (None, None)
-    return QuantExperts.from_experts(task.module, plan.weight, make_act(plan.activation, "experts"),
-                                     make_act(plan.activation, "experts"), gu, dn)
+    if task.kind == "expert_linear":
+        return build_experts(task.module, plan.weight, make_act(plan.activation, "linear"), None, weights)
+    return build_experts(task.module, plan.weight, make_act(plan.activation, "experts"),
+                         make_act(plan.activation, "experts"), weights)
 
 
 def empty_quantized(module: nn.Module, kind: str, wspec: FormatSpec, act: ActivationConfig | None,
@@ -155,17 +176,16 @@ def empty_quantized(module: nn.Module, kind: str, wspec: FormatSpec, act: Activa
     `record` (its quantization.json entry) adds the online rotations it was saved with."""
     if kind == "linear":
         return attach_empty_rotations(QuantLinear(module.in_features, module.out_features, module.bias is not None,
-                                                  wspec, make_act(act, kind), torch.float32), record)
+                                                  wspec, make_act(act, kind), module.weight.dtype), record)
     if kind == "conv2d":
         return QuantConv2d(QuantConv2d.conv_args_of(module), module.bias is not None, wspec, make_act(act, kind))
     if kind == "router":
         import copy
 
         return attach_empty_rotations(QuantRouter(copy.deepcopy(module), wspec, make_act(act, "linear")), record)
-    e, two_i, h = module.gate_up_proj.shape
-    has_bias = getattr(module, "gate_up_proj_bias", None) is not None
-    return attach_empty_rotations(
-        QuantExperts(e, h, two_i // 2, wspec, module.act_fn, make_act(act, kind), make_act(act, kind), has_bias), record)
+    if kind == "expert_linear":
+        return empty_experts(module, wspec, make_act(act, "linear"), None)
+    return attach_empty_rotations(empty_experts(module, wspec, make_act(act, kind), make_act(act, kind)), record)
 
 
 def set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:

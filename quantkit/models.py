@@ -123,6 +123,10 @@ def load_model(source: str, device: str = "cpu") -> LoadedModel:
             _check_loading_info(path, info)
             obj = obj.to(device)
             tokenizer = load_tokenizer(path)
+            qcfg = json.loads((path / "config.json").read_text()).get("quantization_config")
+            if isinstance(qcfg, dict):  # e.g. gpt-oss as the hub ships it (MXFP4 experts)
+                log.warning("%s is pre-quantized (%s): transformers dequantized it on load and quantkit requantizes "
+                            "from those weights (their rounding error comes on top)", path, qcfg.get("quant_method"))
     except QuantkitError:
         raise
     except (OSError, ValueError, KeyError) as e:

@@ -79,11 +79,52 @@ def _reference_on_cpu(module: nn.Module, x: torch.Tensor) -> bool:
     return module.kernel_backend == "auto" and not x.is_cuda
 
 
+class WeightView:
+    """What model code may read of a replaced layer's `.weight` (`dtype`, `device`, `shape`; e.g. Hunyuan's
+    router checks `wg.weight.dtype`) without materializing it; `dequantize()` gives the dense weight."""
+
+    def __init__(self, module: "_QuantModule", shape: tuple[int, ...]) -> None:
+        self._module, self.shape = module, torch.Size(shape)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._module.compute_dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._module.qweight.device
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def size(self, d: int | None = None):
+        return self.shape if d is None else self.shape[d]
+
+    def numel(self) -> int:
+        return self.shape.numel()
+
+    def dequantize(self) -> torch.Tensor:
+        return self._module.quantized_weight.dequantize(self.dtype).reshape(self.shape)
+
+    def __repr__(self) -> str:
+        return f"WeightView(shape={tuple(self.shape)}, dtype={self.dtype}, device={self.device})"
+
+
 class _QuantModule(nn.Module):
     # The pure-torch CPU path keeps one dense copy of the dequantized weight per module instead of
     # unpacking codes on every call: faster, at the cost of that copy's memory. Set False to save it.
     # On CUDA there is no dense copy; the kernels keep a repacked copy of the codes (kernels/repack.py).
     cache_dequantized = True
+    # The dtype the replaced layer's weight had (what `.weight.dtype` answers); follows .to(dtype) / .half().
+    compute_dtype = torch.float32
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001
+        self.compute_dtype = fn(torch.empty(0, dtype=self.compute_dtype)).dtype
+        return super()._apply(fn, recurse)
 
 
 class QuantLinear(_QuantModule):
@@ -99,6 +140,11 @@ class QuantLinear(_QuantModule):
         self.act = act
         self.kernel_backend = "auto"
         self.rotation: nn.Module | None = None  # OnlineRotation (DuQuant / DuQuant++), set by the method
+        self.compute_dtype = dtype
+
+    @property
+    def weight(self) -> WeightView:
+        return WeightView(self, (self.out_features, self.in_features))
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, wspec: FormatSpec, act: ActQuantizer | None = None,
@@ -148,6 +194,11 @@ class QuantConv2d(_QuantModule):
         self.register_buffer("bias", torch.zeros(o, dtype=dtype) if bias else None)
         self.act = act
         self.kernel_backend = "auto"
+        self.compute_dtype = dtype
+
+    @property
+    def weight(self) -> WeightView:
+        return WeightView(self, self.weight_shape)
 
     @property
     def weight_shape(self) -> tuple[int, int, int, int]:

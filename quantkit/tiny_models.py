@@ -153,6 +153,15 @@ TINY: dict[str, tuple[str, Callable[[Path, int], None]]] = {
 }
 
 
+
+def _modern_pipelines() -> dict[str, tuple[str, Callable[[Path, int], None]]]:
+    from quantkit.tiny_pipelines import TINY_PIPELINES  # FLUX, SD3, ... (imports this module's tokenizer)
+
+    return TINY_PIPELINES
+
+
+TINY.update(_modern_pipelines())
+
 def tiny_model_path(name: str, cache: Path | None = None) -> Path:
     """Folder of tiny model `name`, built on first use into $QUANTKIT_CACHE/tiny (default ~/.cache/quantkit)."""
     import os

@@ -28,24 +28,28 @@ class CallArgs:
 
 
 def is_fused_experts(module: nn.Module) -> bool:
-    """A module that holds 3-D weight parameters directly (transformers' fused MoE experts)."""
-    return any(p.dim() == 3 for p in module.parameters(recurse=False))
+    """An experts module with a gate/up + down pair (or an experts-like module of unknown layout, which
+    planning then reports); decided by what the module is (adapters/experts.py), not by tensor rank."""
+    from quantkit.adapters.experts import classify_experts
+
+    c = classify_experts(module)
+    return isinstance(c, str) or (c is not None and c.kind == "fused")
+
+
+def is_parallel_experts(module: nn.Module) -> bool:
+    """One [E, out, in] weight per projection, called with per-expert token counts (JetMoE)."""
+    from quantkit.adapters.experts import classify_experts
+
+    c = classify_experts(module)
+    return c is not None and not isinstance(c, str) and c.kind == "parallel"
 
 
 def supported_experts_layout(module: nn.Module) -> str | None:
-    """None if `module` has the gate_up_proj [E, 2I, H] / down_proj [E, H, I] layout we quantize, else why not."""
-    gu, dn = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
-    if not isinstance(gu, torch.Tensor) or not isinstance(dn, torch.Tensor):
-        names = [n for n, p in module.named_parameters(recurse=False) if p.dim() == 3]
-        return f"3-D parameters {names} are not the gate_up_proj/down_proj pair"
-    if gu.dim() != 3 or dn.dim() != 3:
-        return "gate_up_proj/down_proj are not 3-D"
-    e, two_i, h = gu.shape
-    if dn.shape != (e, h, two_i // 2) or two_i % 2:
-        return f"shapes gate_up_proj {tuple(gu.shape)} / down_proj {tuple(dn.shape)} are not [E, 2I, H] / [E, H, I]"
-    if not hasattr(module, "act_fn"):
-        return "no act_fn attribute"
-    return None
+    """None if quantkit can quantize this experts module, else why not."""
+    from quantkit.adapters.experts import classify_experts
+
+    c = classify_experts(module)
+    return c if isinstance(c, str) else None
 
 
 def first_tensor(out: Any, keys: tuple[str, ...]) -> torch.Tensor:
@@ -71,6 +75,12 @@ class ModelAdapter:
     def matches(cls, root: nn.Module) -> bool:
         raise NotImplementedError
 
+    def prepare(self, root: nn.Module) -> None:
+        """Learn what the adapter needs from the whole model before `role` is asked (e.g. MoE structure)."""
+
+    def check_recipe(self, recipe: Any) -> None:
+        """Raise QuantkitError before any work if `recipe` cannot run on this family."""
+
     def blocks(self, root: nn.Module) -> list[tuple[str, nn.Module]]:
         """Blocks in execution order (the unit of the block-by-block walk)."""
         raise NotImplementedError
@@ -81,6 +91,10 @@ class ModelAdapter:
     def synthetic_inputs(self, root: nn.Module, n: int, seed: int) -> list[CallArgs]:
         """Inputs for a bare model with no sampler or tokenizer to drive it."""
         raise NotImplementedError
+
+    def sampling_kwargs(self, pipe: Any) -> dict[str, Any]:
+        """Extra pipeline-call arguments for calibration sampling (e.g. a size cap); none by default."""
+        return {}
 
     def bottleneck_name(self, root: nn.Module) -> str:
         """The module whose input is the model's bottleneck feature (EDA-DM's TDAC scores it)."""

@@ -18,10 +18,42 @@ from quantkit.quantizers.log_attention import LogProbQuantizer
 
 
 def attention_modules(root: nn.Module) -> list[tuple[str, nn.Module]]:
-    """diffusers Attention modules of `root`, by name."""
+    """diffusers Attention modules of `root` (and FLUX's FluxAttention), by name."""
     from diffusers.models.attention_processor import Attention
 
-    return [(n, m) for n, m in root.named_modules() if isinstance(m, Attention)]
+    return [(n, m) for n, m in root.named_modules() if isinstance(m, Attention) or (is_joint(m) and hasattr(m, "to_q"))]
+
+
+# Processors computing plain softmax(QK^T)V attention, which QuantAttnProcessor reproduces.
+STANDARD_PROCESSORS = ("AttnProcessor", "AttnProcessor2_0", "QuantAttnProcessor")
+
+
+def is_joint(attn: nn.Module) -> bool:
+    from quantkit.adapters.joint_attention import is_joint as joint
+
+    return joint(attn)
+
+
+def uncovered_attention(root: nn.Module) -> tuple[str, str] | None:
+    """(name, why) of the first attention layer of `root` QuantAttnProcessor cannot stand in for, else None.
+    Attention layers are found by what they are (q/k projections), whatever their class: FLUX's FluxAttention,
+    Wan's WanAttention, SANA's linear-attention processor, SD3/Qwen-Image joint attention are all reported."""
+    from diffusers.models.attention_processor import Attention
+
+    for name, m in root.named_modules():
+        if not (hasattr(m, "to_q") and hasattr(m, "to_k")):
+            continue
+        if is_joint(m):
+            continue  # SD3 / FLUX / Qwen-Image joint attention: adapters/joint_attention.py
+        if not isinstance(m, Attention):
+            return name, f"{type(m).__name__} attention"
+        proc = type(getattr(m, "processor", None)).__name__
+        if proc not in STANDARD_PROCESSORS:
+            return name, f"the {proc} attention processor"
+        why = unsupported(m)
+        if why is not None:
+            return name, why
+    return None
 
 
 def unsupported(attn: nn.Module) -> str | None:
@@ -114,6 +146,13 @@ class QuantAttnProcessor(nn.Module):
 
 def install_processor(attn: nn.Module, record: dict[str, Any]) -> QuantAttnProcessor:
     """Give `attn` a fresh QuantAttnProcessor (registered as its `processor` submodule)."""
+    if record.get("joint") or is_joint(attn):
+        from quantkit.adapters.joint_attention import joint_processor
+
+        record["joint"] = True  # kept in quantization.json: the checkpoint says which processor it holds
+        proc: QuantAttnProcessor = joint_processor(attn)(record)
+        attn.set_processor(proc)
+        return proc
     why = unsupported(attn)
     if why is not None:
         raise QuantkitError(f"attention of type {type(attn).__name__} uses {why}; quantkit's attention quantizer "

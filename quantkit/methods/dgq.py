@@ -71,6 +71,13 @@ class DGQ(Method):
         if not loaded.is_pipeline:
             raise QuantkitError("dgq calibrates on the sampler's steps: give a diffusers pipeline folder, "
                                 f"not a bare {type(loaded.root).__name__}")
+        if self.opts["attention"] != "none":
+            from quantkit.adapters.diffusers_attention import uncovered_attention
+
+            found = uncovered_attention(loaded.root)
+            if found is not None:
+                raise QuantkitError(f"dgq's attention quantizer does not cover {found[1]} ({found[0]}); use "
+                                    "method_options {attention: none} to quantize the linear layers only")
 
     def needs_calibration(self, tasks: list[LayerTask]) -> bool:
         return True

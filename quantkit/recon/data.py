@@ -40,27 +40,34 @@ def split_call(call: CallArgs, group: int = 1) -> list[CallArgs]:
     return out
 
 
-def _cat(vals: list[Any]) -> Any:
+def _cat(vals: list[Any], rows: list[int]) -> Any:
+    """Concatenate one argument of several calls: tensors led by their call's batch size are batched; a tensor
+    that is not (FLUX's rotary tables [L, d], position ids) and is equal in every call is kept once."""
     v0 = vals[0]
     if isinstance(v0, torch.Tensor):
         if v0.dim() == 0 or all(v is v0 for v in vals):
             return v0
-        if v0.dim() >= 1 and all(v.shape[1:] == v0.shape[1:] for v in vals):
+        same_tail = all(v.dim() == v0.dim() and v.shape[1:] == v0.shape[1:] for v in vals)
+        batched = same_tail and all(v.shape[0] == r for v, r in zip(vals, rows))
+        if not batched and all(v.shape == v0.shape and torch.equal(v, v0) for v in vals):
+            return v0
+        if v0.dim() >= 1 and same_tail:
             return torch.cat(vals)
         return v0
     if isinstance(v0, dict):
-        return {k: _cat([v[k] for v in vals]) for k in v0}
+        return {k: _cat([v[k] for v in vals], rows) for k in v0}
     if isinstance(v0, (list, tuple)):
-        return type(v0)(_cat([v[i] for v in vals]) for i in range(len(v0)))
+        return type(v0)(_cat([v[i] for v in vals], rows) for i in range(len(v0)))
     return v0
 
 
 def collate(calls: list[CallArgs]) -> CallArgs:
-    """Concatenate calls along the batch (tensors that are equal in every call are kept once)."""
+    """Concatenate calls along the batch (tensors that are equal in every call and not batched are kept once)."""
     if len(calls) == 1:
         return calls[0]
-    return CallArgs(tuple(_cat([c.args[i] for c in calls]) for i in range(len(calls[0].args))),
-                    {k: _cat([c.kwargs[k] for c in calls]) for k in calls[0].kwargs})
+    rows = [_rows(c) for c in calls]
+    return CallArgs(tuple(_cat([c.args[i] for c in calls], rows) for i in range(len(calls[0].args))),
+                    {k: _cat([c.kwargs[k] for c in calls], rows) for k in calls[0].kwargs})
 
 
 def _mix(q: Any, fp: Any, prob: float, gen: torch.Generator | None) -> Any:
@@ -85,5 +92,13 @@ def mix_inputs(q: CallArgs, fp: CallArgs, prob: float, gen: torch.Generator | No
 
 
 def main_tensor(out: Any) -> torch.Tensor:
-    """The tensor a block returns (blocks return a tensor, a tuple, or an output dataclass)."""
+    """The tensor a block returns (blocks return a tensor, a tuple, or an output dataclass). A block that
+    returns several streams (MMDiT: text and image hidden states) is compared on all of them: [B, sum of sizes]."""
+    if isinstance(out, (tuple, list)):
+        streams = [t for t in out if isinstance(t, torch.Tensor)]  # SD3's last block returns (None, hidden)
+        if len(streams) == 1:
+            return streams[0]
+        b = streams[0].shape[0] if streams else 0
+        if len(streams) > 1 and all(t.dim() >= 2 and t.shape[0] == b for t in streams):
+            return torch.cat([t.reshape(b, -1) for t in streams], dim=1)
     return first_tensor(out, ("sample", "hidden_states"))
