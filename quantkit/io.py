@@ -102,8 +102,6 @@ def _write_shards(state: dict[str, torch.Tensor], folder: Path, max_shard_bytes:
 def save_checkpoint(loaded: LoadedModel, recipe: Recipe, result: Any, out: str | Path, *,
                     overwrite: bool = False, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
     """Write the quantized model atomically: a temp folder renamed into place when complete."""
-    import quantkit
-
     out = Path(out)
     check_output_dir(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -118,25 +116,34 @@ def save_checkpoint(loaded: LoadedModel, recipe: Recipe, result: Any, out: str |
         wdir.mkdir(parents=True, exist_ok=True)
         state, tied = _dedupe(loaded.root.state_dict())
         files = _write_shards(state, wdir, max_shard_bytes)
-        meta = {
-            "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "quantkit_version": quantkit.__version__,
-            "model": {"source": loaded.source, "kind": folder_kind(loaded.path) if loaded.path else "model",
-                      "class": type(loaded.root).__name__, "component": loaded.component,
-                      "adapter": loaded.adapter.name},
-            "recipe": recipe.to_dict(), "layers": result.layers, "skipped": result.skipped,
-            "calibration": result.calibration, "weights": {"files": files, "tied": tied},
-            "seconds": round(result.seconds, 3),
-        }
-        clash = set(result.extras) & set(meta)
-        if clash:
-            raise QuantkitError(f"method records {sorted(clash)} clash with quantization.json's own keys")
-        meta.update(result.extras)
+        meta = checkpoint_meta(loaded, recipe, result, files, tied)
         (tmp / QUANT_JSON).write_text(json.dumps(meta, indent=1))
         _replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def checkpoint_meta(loaded: LoadedModel, recipe: Recipe, result: Any, files: list[str],
+                    tied: dict[str, str]) -> dict[str, Any]:
+    """quantization.json's content."""
+    import quantkit
+
+    meta = {
+        "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "quantkit_version": quantkit.__version__,
+        "model": {"source": loaded.source, "kind": folder_kind(loaded.path) if loaded.path else "model",
+                  "class": type(loaded.root).__name__, "component": loaded.component,
+                  "adapter": loaded.adapter.name},
+        "recipe": recipe.to_dict(), "layers": result.layers, "skipped": result.skipped,
+        "calibration": result.calibration, "weights": {"files": files, "tied": tied},
+        "seconds": round(result.seconds, 3),
+    }
+    clash = set(result.extras) & set(meta)
+    if clash:
+        raise QuantkitError(f"method records {sorted(clash)} clash with quantization.json's own keys")
+    meta.update(result.extras)
+    return meta
 
 
 def _replace_dir(tmp: Path, out: Path) -> None:
@@ -182,8 +189,9 @@ def read_state(folder: Path, files: list[str], device: str = "cpu") -> dict[str,
     return state
 
 
-def _empty_root(folder: Path, kind: str) -> nn.Module:
-    """The model's architecture with parameters on the meta device (no memory, no init cost)."""
+def _empty_root(folder: Path, kind: str, dtype: torch.dtype | None = None) -> nn.Module:
+    """The model's architecture with parameters on the meta device (no memory, no init cost), in `dtype`
+    (None: as the class builds it)."""
     from accelerate import init_empty_weights
 
     with init_empty_weights(include_buffers=False):
@@ -192,14 +200,16 @@ def _empty_root(folder: Path, kind: str) -> nn.Module:
 
             cfg = json.loads((folder / "config.json").read_text())
             cls = getattr(diffusers, cfg["_class_name"])
-            return cls.from_config(cls.load_config(folder))
+            root = cls.from_config(cls.load_config(folder))
+            return root.to(dtype) if dtype is not None else root
         from transformers import AutoConfig
 
         from quantkit.models import transformers_class
 
         cls = transformers_class(folder)
         cfg = AutoConfig.from_pretrained(folder)
-        return cls.from_config(cfg) if hasattr(cls, "from_config") else cls._from_config(cfg)
+        kw = {"dtype": dtype} if dtype is not None else {}
+        return cls.from_config(cfg, **kw) if hasattr(cls, "from_config") else cls._from_config(cfg, **kw)
 
 
 def load_quantized_root(ckpt: Path, meta: dict[str, Any], device: str = "cpu") -> nn.Module:
