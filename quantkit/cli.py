@@ -94,6 +94,10 @@ def quantize(
     device: str = typer.Option("cpu", help="cpu or cuda."),
     overwrite: bool = typer.Option(False, help="Replace a non-empty output folder."),
     max_shard_mb: int = typer.Option(2048, help="Largest safetensors shard, in MiB."),
+    dtype: str = typer.Option("auto", help="Model dtype: auto (the checkpoint's), bfloat16, float16 or float32."),
+    stream: Optional[bool] = typer.Option(None, "--stream/--no-stream",
+                                          help="Load one block at a time from the safetensors shards (default on "
+                                               "for --device cpu)."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Quantize MODEL by a recipe and write a packed safetensors checkpoint."""
@@ -140,23 +144,48 @@ def quantize(
             read_prompts(calib_prompts)
         if calib_text is not None:
             read_text(calib_text)
-        loaded = load_model(model, device)
+        from quantkit.models import resolve_dtype
+
+        resolve_dtype(dtype, Path("."))  # a bad --dtype fails before any loading
+        if stream is None:
+            stream = device == "cpu"
+        if stream and device != "cpu":
+            raise QuantkitError("--stream materializes blocks on the CPU; use --no-stream with --device cuda")
+        if stream and not get_method(rec.method, rec).supports_streaming:
+            raise QuantkitError(f"method {rec.method} cannot run on a streamed model; add --no-stream")
+        if stream:
+            from quantkit.streaming import StreamSession, load_model_meta
+
+            loaded, loader = load_model_meta(model, dtype)
+        else:
+            loaded = load_model(model, device, dtype)
         check_plan(loaded, rec)
-        console.print(f"quantizing [bold]{model}[/] ({type(loaded.root).__name__}, adapter {loaded.adapter.name}) "
+        session = StreamSession(loaded, loader, out, overwrite=overwrite, max_shard_bytes=max_shard_mb * 1024**2) \
+            if stream else None
+        console.print(f"quantizing [bold]{model}[/] ({type(loaded.root).__name__}, adapter {loaded.adapter.name}, "
+                      f"{'streamed block by block' if stream else 'loaded whole'}) "
                       f"with [bold]{rec.method}[/] w={rec.weight.short} "
                       f"a={'fp' if rec.activation is None else rec.activation.format.short}")
-        with _progress() as bar:
-            task = bar.add_task("blocks", total=None)
+        try:
+            with _progress() as bar:
+                task = bar.add_task("blocks", total=None)
 
-            def progress(what: str, done: int, total: int) -> None:
-                bar.update(task, description=f"block {what}", completed=done, total=total)
+                def progress(what: str, done: int, total: int) -> None:
+                    bar.update(task, description=f"block {what}", completed=done, total=total)
 
-            result = quantize_model(loaded, rec, calib_prompts=str(calib_prompts) if calib_prompts else None,
-                                    calib_text=str(calib_text) if calib_text else None, calib_steps=calib_steps,
-                                    progress=progress, calls=calls, work_dir=work_dir)
-        if calib_prov is not None:
-            result.calibration.update(file=str(calib), selection=calib_prov)
-        save_checkpoint(loaded, rec, result, out, overwrite=overwrite, max_shard_bytes=max_shard_mb * 1024**2)
+                result = quantize_model(loaded, rec, calib_prompts=str(calib_prompts) if calib_prompts else None,
+                                        calib_text=str(calib_text) if calib_text else None, calib_steps=calib_steps,
+                                        progress=progress, calls=calls, work_dir=work_dir, stream=session)
+            if calib_prov is not None:
+                result.calibration.update(file=str(calib), selection=calib_prov)
+            if session is not None:
+                session.finish(rec, result)
+        except BaseException:
+            if session is not None:
+                session.abort()
+            raise
+        if session is None:
+            save_checkpoint(loaded, rec, result, out, overwrite=overwrite, max_shard_bytes=max_shard_mb * 1024**2)
         shutil.rmtree(work_dir, ignore_errors=True)
         console.print(f"[green]wrote[/] {out}: {len(result.layers)} layers quantized, {len(result.skipped)} kept in "
                       f"full precision, {result.seconds:.1f}s")

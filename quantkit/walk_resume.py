@@ -42,7 +42,7 @@ def _hash(h: Any, v: Any) -> None:
     if isinstance(v, torch.Tensor):
         t = v.detach().cpu().contiguous()
         h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     elif isinstance(v, dict):
         for k in sorted(v, key=str):
             h.update(str(k).encode())
@@ -144,6 +144,8 @@ class WalkStore:
             orig = self.root.get_submodule(name)
             act = ActivationConfig.from_dict(rec["activation"])
             out[name] = empty_quantized(orig, rec["kind"], FormatSpec.from_dict(rec["weight"]), act, rec).eval()
+            if rec.get("calibration"):  # what layers.layer_record reads back (e.g. EAQuant's token counts)
+                out[name].calibration_info = rec["calibration"]
             set_submodule(self.root, name, out[name])
         for name, rec in meta.get("extras", {}).get("attention", {}).items():
             if name == bname or name.startswith(bname + "."):  # attention quantizers a method installed (DGQ)
