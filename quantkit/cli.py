@@ -98,6 +98,8 @@ def quantize(
     stream: Optional[bool] = typer.Option(None, "--stream/--no-stream",
                                           help="Load one block at a time from the safetensors shards (default on "
                                                "for --device cpu)."),
+    calib_memory: Optional[str] = typer.Option(None, help="Memory for calibration activations, e.g. 4GB; the rest "
+                                               "waits on disk next to --out (default: no limit)."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Quantize MODEL by a recipe and write a packed safetensors checkpoint."""
@@ -144,9 +146,13 @@ def quantize(
             read_prompts(calib_prompts)
         if calib_text is not None:
             read_text(calib_text)
-        from quantkit.models import resolve_dtype
+        from quantkit.models import DTYPES
 
-        resolve_dtype(dtype, Path("."))  # a bad --dtype fails before any loading
+        if dtype != "auto" and dtype not in DTYPES:  # a bad --dtype fails before any loading
+            raise QuantkitError(f"unknown --dtype {dtype!r}; allowed: auto, bfloat16, float16, float32")
+        from quantkit.spill import parse_bytes
+
+        calib_bytes = parse_bytes(calib_memory) if calib_memory is not None else None
         if stream is None:
             stream = device == "cpu"
         if stream and device != "cpu":
@@ -175,7 +181,8 @@ def quantize(
 
                 result = quantize_model(loaded, rec, calib_prompts=str(calib_prompts) if calib_prompts else None,
                                         calib_text=str(calib_text) if calib_text else None, calib_steps=calib_steps,
-                                        progress=progress, calls=calls, work_dir=work_dir, stream=session)
+                                        progress=progress, calls=calls, work_dir=work_dir, stream=session,
+                                        calib_memory=calib_bytes)
             if calib_prov is not None:
                 result.calibration.update(file=str(calib), selection=calib_prov)
             if session is not None:

@@ -246,21 +246,51 @@ def load_quantized_root(ckpt: Path, meta: dict[str, Any], device: str = "cpu") -
     return root
 
 
-def load(path: str | Path, device: str = "cpu") -> Any:
-    """Load a quantkit checkpoint (or a plain model folder) as the class it was saved from."""
+_BIASES = ("bias", "gate_up_bias", "down_bias")
+
+
+def cast_full_precision(root: nn.Module, dtype: torch.dtype) -> None:
+    """Cast what runs in the model's dtype (layers kept in full precision, norms, embeddings, the biases of
+    quantized layers); codes, scales and activation quantizer state stay as stored."""
+    from quantkit.layers import QUANT_MODULES
+
+    quant = [n for n, m in root.named_modules() if isinstance(m, QUANT_MODULES)]
+    with torch.no_grad():
+        for name, m in root.named_modules():
+            inside = any(name == q or name.startswith(q + ".") for q in quant)
+            if inside and name not in quant:
+                continue
+            for pn, prm in m._parameters.items():
+                if prm is not None and prm.is_floating_point() and not inside:
+                    prm.data = prm.data.to(dtype)
+            for bn, b in m._buffers.items():
+                if b is not None and b.is_floating_point() and (not inside or bn in _BIASES):
+                    m._buffers[bn] = b.to(dtype)
+
+
+def load(path: str | Path, device: str = "cpu", dtype: Any = "auto") -> Any:
+    """Load a quantkit checkpoint (or a plain model folder) as the class it was saved from.
+
+    dtype: 'auto' keeps the stored dtype (the one the model was quantized in); bfloat16/float16/float32 (or
+    a torch dtype) casts the full-precision parts, the way the model then runs."""
+    from quantkit.models import resolve_dtype
+
     p = Path(path)
     if not p.exists():
         raise QuantkitError(f"checkpoint path {p} does not exist")
     if not (p / QUANT_JSON).exists():
         from quantkit.models import load_model
 
-        return load_model(str(p), device).obj
+        return load_model(str(p), device, dtype).obj
     meta = read_quant_json(p)
     root = load_quantized_root(p, meta, device)
+    if dtype != "auto":
+        cast_full_precision(root, resolve_dtype(dtype, p))
     comp = meta["model"]["component"]
     if not comp:
         return root
     from diffusers import DiffusionPipeline
 
-    pipe = DiffusionPipeline.from_pretrained(p, local_files_only=True, **{comp: root})
+    kw = {"dtype": resolve_dtype(dtype, p)} if dtype != "auto" else {}
+    pipe = DiffusionPipeline.from_pretrained(p, local_files_only=True, **kw, **{comp: root})
     return pipe.to(device)

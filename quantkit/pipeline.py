@@ -22,6 +22,7 @@ from quantkit.methods import BlockContext, get_method
 from quantkit.models import LoadedModel
 from quantkit.nn import QuantExperts
 from quantkit.propagate import BlockPropagator
+from quantkit.spill import SpillManager
 from quantkit.walk_resume import BlockStream, WalkStore
 from quantkit.quantizers.step_clock import install_step_clock
 
@@ -38,6 +39,8 @@ class QuantizationResult:
     seconds: float
     blocks: list[str] = field(default_factory=list)
     extras: dict[str, Any] = field(default_factory=dict)  # method records for quantization.json (e.g. attention)
+    spill: dict[str, Any] = field(default_factory=dict)  # calibration activations kept / sent to disk (--calib-memory)
+    block_seconds: dict[str, float] = field(default_factory=dict)  # wall time per walked block (benchmarks)
 
 
 class _StopForward(Exception):
@@ -87,13 +90,14 @@ def check_plan(loaded: LoadedModel, recipe: Recipe) -> list[LayerTask]:
 def quantize_model(loaded: LoadedModel, recipe: Recipe, *, calib_prompts: str | None = None,
                    calib_text: str | None = None, calib_steps: int | None = None, calls: list[CallArgs] | None = None,
                    progress: Progress | None = None, work_dir: str | Path | None = None,
-                   stream: BlockStream | None = None) -> QuantizationResult:
+                   stream: BlockStream | None = None, calib_memory: int | None = None) -> QuantizationResult:
     """Quantize `loaded.root` in place by `recipe`; returns what was done.
 
     Calibration calls run once through the model, block by block (see quantkit.propagate). With
     `stream`, blocks are materialized just before the calls reach them and handed back (written and
     released) once every call has passed them. With `work_dir`, each finished block is kept there and
-    a rerun picks it up (see quantkit.walk_resume)."""
+    a rerun picks it up (see quantkit.walk_resume). With `calib_memory` (bytes), calibration activations
+    above it wait on disk (see quantkit.spill)."""
     t0 = time.time()
     root, adapter = loaded.root, loaded.adapter
     method = get_method(recipe.method, recipe)
@@ -138,15 +142,18 @@ def quantize_model(loaded: LoadedModel, recipe: Recipe, *, calib_prompts: str | 
     if stream is not None and not method.supports_streaming:
         raise QuantkitError(f"method {recipe.method} cannot run on a streamed model; quantize with --no-stream")
     hooked = [b for _, b in blocks]
-    prop = BlockPropagator(root, hooked, calls, _clock_setter(root, calls)) if calls is not None else None
+    spill = SpillManager(calib_memory, work_dir, calls) if calib_memory is not None and calls is not None else None
+    prop = BlockPropagator(root, hooked, calls, _clock_setter(root, calls), spill) if calls is not None else None
     # Methods that compare with the full-precision block get a second stream of calls that runs every
     # block before it is quantized (the same modules, one step ahead), instead of a copy of the model.
-    fp_prop = (BlockPropagator(root, hooked, calls, _clock_setter(root, calls))
+    fp_prop = (BlockPropagator(root, hooked, calls, _clock_setter(root, calls), spill)
                if calls is not None and method.needs_fp_inputs else None)
     walk = [(i, n, b) for i, ((n, b), u) in enumerate(zip(blocks, is_unit)) if u or stream is not None]
     unit_no = 0
+    block_seconds: dict[str, float] = {}
     try:
         for i, bname, block in walk:
+            tb = time.perf_counter()
             if stream is not None:
                 stream.enter(bname, block)
             inputs, reached = prop.advance(i) if prop is not None else (None, [])
@@ -156,7 +163,7 @@ def quantize_model(loaded: LoadedModel, recipe: Recipe, *, calib_prompts: str | 
                 if fp_reached != reached:
                     raise QuantkitError(f"block {bname}: full-precision and quantized calibration calls diverged")
                 if is_unit[i]:
-                    fp_inputs = [CallArgs(_detach(c.args), _detach(c.kwargs)) for c in fp_args]
+                    fp_inputs = [CallArgs(_detach(c.args), _detach(c.kwargs)) for c in fp_args]  # (spilled: copies)
                 nxt = next((j for j, _, _ in walk if j > i), None)
                 if nxt is not None:
                     fp_prop.advance(nxt)  # runs FP block i now, before it is quantized
@@ -179,6 +186,7 @@ def quantize_model(loaded: LoadedModel, recipe: Recipe, *, calib_prompts: str | 
             else:
                 log.info("block %s: resumed from %s", bname, work_dir)
             done.update(q)
+            block_seconds[bname] = time.perf_counter() - tb  # (its write happens in the next step's leave)
         # Nothing needs the calls past the last block (the head would only cost time): close() unwinds them.
         if stream is not None and walk:
             stream.leave(*blocks[walk[-1][0]])
@@ -186,6 +194,12 @@ def quantize_model(loaded: LoadedModel, recipe: Recipe, *, calib_prompts: str | 
         for p in (prop, fp_prop):
             if p is not None:
                 p.close()
+        calibration_spill: dict[str, Any] = {}
+        if spill is not None:
+            calibration_spill = {"budget": calib_memory, "peak_resident": spill.peak_resident,
+                                 "spilled": spill.bytes_spilled}
+            log.info("calibration activations: %s", calibration_spill)
+            spill.close()
     if outside:
         if progress:
             progress("(outside blocks)", unit_no, len(units))
@@ -203,7 +217,8 @@ def quantize_model(loaded: LoadedModel, recipe: Recipe, *, calib_prompts: str | 
     install_step_clock(root)  # timestep-aware quantizers (DGQ) follow the sampler from now on
     layers = {t.name: layer_record(t, done[t.name]) for t in todo}
     skipped = {t.name: t.role for t in tasks if t.plan.skip}
-    return QuantizationResult(layers, skipped, calibration, time.time() - t0, [n for n, _ in units], extras)
+    return QuantizationResult(layers, skipped, calibration, time.time() - t0, [n for n, _ in units], extras,
+                              calibration_spill, block_seconds)
 
 
 def _quantize_unit(method: Any, bname: str, block: nn.Module, by_block: dict[str, list[LayerTask]],

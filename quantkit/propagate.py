@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
 from quantkit.adapters.base import CallArgs
 from quantkit.errors import QuantkitError
+from quantkit.spill import SpilledInputs, SpillManager
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +40,8 @@ class BlockPropagator:
     """
 
     def __init__(self, root: nn.Module, blocks: list[nn.Module], calls: list[CallArgs],
-                 before_resume: Callable[[int], None] | None = None) -> None:
-        self.root, self.calls, self.before_resume = root, calls, before_resume
+                 before_resume: Callable[[int], None] | None = None, spill: SpillManager | None = None) -> None:
+        self.root, self.calls, self.before_resume, self.spill = root, calls, before_resume, spill
         self.index = {id(b): i for i, b in enumerate(blocks)}
         if len(self.index) != len(blocks):
             raise QuantkitError("the same module appears twice among the blocks of the walk")
@@ -55,6 +56,8 @@ class BlockPropagator:
         self._local = threading.local()
         self._threads: list[threading.Thread | None] = [None] * len(calls)
         self._handles = [b.register_forward_pre_hook(self._hook, with_kwargs=True) for b in blocks]
+        if spill is not None:  # block outputs a call carries on (a UNet's skips) count towards the budget
+            self._handles += [b.register_forward_hook(self._track_output) for b in blocks]
         self.block_calls = [0] * len(blocks)  # forward calls each block received from the walk's threads
 
     # -- worker side --------------------------------------------------------------------------
@@ -65,6 +68,9 @@ class BlockPropagator:
         j = self.index[id(module)]
         if j >= self.target:
             self.pos[k], self.args[k] = j, CallArgs(tuple(args), dict(kwargs))
+            if self.spill is not None:
+                self.spill.track(k, (args, kwargs))
+                self.spill.paused(k)
             self._back.release()
             self._go[k].acquire()
             if self._abort:
@@ -72,6 +78,11 @@ class BlockPropagator:
             self.args[k] = None
         self.block_calls[j] += 1
         return None
+
+    def _track_output(self, module: nn.Module, args: tuple, out: object) -> None:
+        k = getattr(self._local, "k", None)
+        if k is not None and self.spill is not None:
+            self.spill.track(k, out)
 
     def _work(self, k: int) -> None:
         self._local.k = k
@@ -93,6 +104,8 @@ class BlockPropagator:
     def _resume(self, k: int) -> None:
         if self.before_resume is not None:
             self.before_resume(k)
+        if self.spill is not None:
+            self.spill.resuming(k)
         if self._threads[k] is None:
             t = threading.Thread(target=self._work, args=(k,), daemon=True, name=f"quantkit-calib-{k}")
             self._threads[k] = t
@@ -108,7 +121,7 @@ class BlockPropagator:
                                 f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
 
     # -- walk side ----------------------------------------------------------------------------
-    def advance(self, i: int) -> tuple[list[CallArgs], list[int]]:
+    def advance(self, i: int) -> tuple[Sequence[CallArgs], list[int]]:
         """Inputs of block i for every call that reaches it, and those calls' indices."""
         if i < self.target:
             raise QuantkitError(f"blocks must be walked in order (asked for block {i} after {self.target})")
@@ -119,7 +132,10 @@ class BlockPropagator:
         reached = [k for k in range(len(self.calls)) if self.pos[k] == i]
         if len(reached) < len(self.calls):
             log.debug("block %d reached by %d of %d calibration calls", i, len(reached), len(self.calls))
-        return [self.args[k] for k in reached], reached  # type: ignore[misc]
+        args = [self.args[k] for k in reached]
+        if self.spill is not None:
+            return SpilledInputs(args, reached, self.spill), reached  # type: ignore[arg-type]
+        return args, reached  # type: ignore[return-value]
 
     def finish(self) -> None:
         """Run every call to its end (through all quantized blocks)."""

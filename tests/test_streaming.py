@@ -186,6 +186,11 @@ def test_dtype_auto_keeps_bf16_and_float32_is_asked_for(olmoe, tmp_path):
 
     m = quantkit.load(tmp_path / "auto")
     assert m.model.norm.weight.dtype == torch.bfloat16
+    ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(0))
+    assert m(input_ids=ids).logits.dtype == torch.bfloat16
+    m32 = quantkit.load(tmp_path / "auto", dtype="float32")
+    assert m32.model.norm.weight.dtype == torch.float32
+    assert torch.isfinite(m32(input_ids=ids).logits).all()
 
 
 class _Killed(BaseException):
@@ -252,3 +257,33 @@ def test_missing_source_tensor_is_one_line_error_and_writes_nothing(tmp_path):
         quantize_streaming(str(src), Recipe.load("rtn-w4a16-g128"), tmp_path / "out")
     assert "\n" not in str(e.value)
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.tmp*"))
+
+
+@pytest.mark.parametrize("which", ["olmoe", "unet"])
+def test_calibration_activations_over_budget_spill_to_disk_same_result(which, olmoe, unet, tmp_path, monkeypatch):
+    import quantkit.spill
+    from quantkit.spill import parse_bytes
+
+    monkeypatch.setattr(quantkit.spill, "MIN_SPILL_BYTES", 0)  # the tiny models' activations are a few KB
+
+    src = str(olmoe if which == "olmoe" else unet)
+    rec = Recipe.from_dict(STATIC_W8A8)
+    ref = load_model(src)
+    r0 = quantize_model(ref, rec)
+    low = load_model(src)
+    r1 = quantize_model(low, rec, calib_memory=parse_bytes("1B"), work_dir=tmp_path / "work")
+    assert r1.spill["spilled"] > 0 and r1.spill["peak_resident"] == 0
+    assert not list((tmp_path / "work").glob("spill/*"))  # cleaned up
+    a = {k: v for k, v in ref.root.state_dict().items()}
+    b = {k: v for k, v in low.root.state_dict().items()}
+    assert not same_bits(a, b)
+    assert r0.layers == r1.layers
+
+
+def test_calib_memory_parsing():
+    from quantkit.errors import QuantkitError
+    from quantkit.spill import parse_bytes
+
+    assert parse_bytes("4GB") == 4 * 1000**3 and parse_bytes("512MiB") == 512 * 1024**2
+    with pytest.raises(QuantkitError, match="4GB"):
+        parse_bytes("lots")
