@@ -55,26 +55,34 @@ class SourceWeights:
         self.folder = folder
         self.where: dict[str, Path] = {}
         self.dtypes: dict[str, torch.dtype | None] = {}
-        self._open: dict[Path, Any] = {}
         for f in weight_files(folder):
-            h = self._handle(f)
-            for k in h.keys():
-                self.where[k] = f
-                self.dtypes[k] = _DTYPES.get(h.get_slice(k).get_dtype())
+            with self._open(f) as h:
+                for k in h.keys():
+                    self.where[k] = f
+                    self.dtypes[k] = _DTYPES.get(h.get_slice(k).get_dtype())
 
-    def _handle(self, f: Path) -> Any:
-        if f not in self._open:
-            try:
-                self._open[f] = safe_open(str(f), framework="pt", device="cpu")
-            except (SafetensorError, OSError) as e:
-                raise QuantkitError(f"cannot read {f}: {str(e).splitlines()[0]}") from None
-        return self._open[f]
-
-    def get(self, key: str) -> torch.Tensor:
+    @staticmethod
+    def _open(f: Path) -> Any:
         try:
-            return self._handle(self.where[key]).get_tensor(key)
+            return safe_open(str(f), framework="pt", device="cpu")
         except (SafetensorError, OSError) as e:
-            raise QuantkitError(f"cannot read tensor {key} from {self.where[key]}: {str(e).splitlines()[0]}") from None
+            raise QuantkitError(f"cannot read {f}: {str(e).splitlines()[0]}") from None
+
+    def read(self, keys: list[str]) -> dict[str, torch.Tensor]:
+        """The tensors `keys`, each in its own fresh allocation. Files are opened for this call only, so
+        their memory maps (and the pages they pulled in) go away with it."""
+        by_file: dict[Path, list[str]] = {}
+        for k in keys:
+            by_file.setdefault(self.where[k], []).append(k)
+        out = {}
+        for f, ks in by_file.items():
+            try:
+                with self._open(f) as h:
+                    for k in ks:
+                        out[k] = h.get_tensor(k).clone()  # aligned, owned: not a view of the map
+            except (SafetensorError, OSError, RuntimeError) as e:
+                raise QuantkitError(f"cannot read tensors of {f}: {str(e).splitlines()[0]}") from None
+        return out
 
     def dtype(self) -> torch.dtype:
         """The checkpoint's floating dtype (the most common one among its tensors)."""
@@ -130,8 +138,8 @@ class ModuleLoader:
         if self.transformers:
             self._load_transformers(keys)
         else:
-            for k in keys:
-                self._set(k, self.source.get(k).to(self.dtype) if self.source.dtypes[k] else self.source.get(k))
+            for k, v in self.source.read(keys).items():
+                self._set(k, v.to(self.dtype) if self.source.dtypes[k] else v)
         if self.transformers and getattr(self.root.config, "tie_word_embeddings", False):
             self.root.tie_weights()  # the hub stores a tied LM head once
         with torch.no_grad():
@@ -143,7 +151,6 @@ class ModuleLoader:
                     if t.is_meta:
                         raise QuantkitError(f"tensor {name} of {type(self.root).__name__} is missing from the "
                                             f"source checkpoint {self.source.folder}")
-        _own(self.root, prefixes, exclude)
 
     def _set(self, key: str, value: torch.Tensor) -> None:
         path, _, leaf = key.rpartition(".")
@@ -160,7 +167,7 @@ class ModuleLoader:
         from transformers.core_model_loading import convert_and_load_state_dict_in_model
         from transformers.modeling_utils import LoadStateDictConfig
 
-        state = {src: self.source.get(src) for k in keys for src in self.targets[k]}
+        state = self.source.read([src for k in keys for src in self.targets[k]])
         if not state:
             return
         from transformers.utils import logging as hf_logging
@@ -184,22 +191,6 @@ class ModuleLoader:
         """Hand a module's memory back: its tensors become meta tensors again."""
         mod = self.root.get_submodule(prefix) if prefix else self.root
         mod.to("meta")
-
-
-def _own(root: nn.Module, prefixes: list[str], exclude: list[str] | None) -> None:
-    """A fresh aligned allocation per tensor, as models.own_tensors does for a whole-model load."""
-    with torch.no_grad():
-        for p in prefixes:
-            mod = root.get_submodule(p) if p else root
-            for name, m in mod.named_modules(prefix=p):
-                if exclude and _owner(name, exclude) is not None:
-                    continue
-                for pn, t in list(m._parameters.items()):
-                    if t is not None and not t.is_meta:
-                        t.data = t.data.clone()
-                for bn, b in list(m._buffers.items()):
-                    if b is not None and not b.is_meta:
-                        m._buffers[bn] = b.clone()
 
 
 def _is_transformers(root: nn.Module) -> bool:
