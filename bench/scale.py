@@ -203,7 +203,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=None, help="decoder layers of the LMs (default: OLMoE 4, Qwen3 24)")
     ap.add_argument("--big", action="store_true", help="allow sdxl-unet and qwen3-30b-a3b (tens of GB of disk)")
     ap.add_argument("--calibrated", default="auto", help="calibrated recipe: auto (static RTN W8A8 for UNets, "
-                                                         "eaquant-w4a4 for MoE LMs), a recipe name, or none")
+                                                         "eaquant-w4a4 for MoE LMs), static (static RTN W8A8 "
+                                                         "for all), a recipe name, or none")
     ap.add_argument("--work", default="scratch-scale")
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--json", default=None)
@@ -225,8 +226,8 @@ def main() -> None:
         print(f"{name}: wrote {nbytes / 1e9:.2f} GB of {CONFIGS[name]['dtype']} weights in "
               f"{time.perf_counter() - t0:.0f}s", flush=True)
         is_unet = CONFIGS[name]["kind"] == "diffusers"
-        calibrated = (json.dumps(STATIC_W8A8) if is_unet else "eaquant-w4a4") if args.calibrated == "auto" \
-            else args.calibrated
+        calibrated = {"auto": json.dumps(STATIC_W8A8) if is_unet else "eaquant-w4a4",
+                      "static": json.dumps(STATIC_W8A8)}.get(args.calibrated, args.calibrated)
         recipes = ["rtn-w4a16-g128"] + ([calibrated] if calibrated != "none" else [])
         for recipe in recipes:
             out = work / f"{name}-q"
