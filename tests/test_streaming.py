@@ -287,3 +287,20 @@ def test_calib_memory_parsing():
     assert parse_bytes("4GB") == 4 * 1000**3 and parse_bytes("512MiB") == 512 * 1024**2
     with pytest.raises(QuantkitError, match="4GB"):
         parse_bytes("lots")
+
+
+@pytest.mark.parametrize("spec", [{"bits": 4, "granularity": "group", "group_size": 32},
+                                  {"bits": 4, "granularity": "channel", "symmetric": False},
+                                  {"bits": 3, "granularity": "group", "group_size": 64}])
+def test_row_chunked_weight_quantization_is_bit_identical(spec, monkeypatch):
+    import quantkit.formats.qweight as qw
+    from quantkit.formats.spec import FormatSpec
+
+    fs = FormatSpec(kind="int", **spec)
+    w = (torch.randn(3, 40, 128, generator=torch.Generator().manual_seed(1)) * 0.1).to(torch.bfloat16)
+    whole = qw.QuantizedWeight.quantize(w, fs)
+    monkeypatch.setattr(qw, "_CHUNK_ELEMS", 7 * 128)  # 7 rows a chunk: uneven last chunk
+    rows = qw.QuantizedWeight.quantize(w, fs)
+    for a, b in zip(whole.tensors().values(), rows.tensors().values()):
+        assert a.shape == b.shape and torch.equal(a, b)
+    assert rows.shape == whole.shape
