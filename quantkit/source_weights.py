@@ -114,6 +114,18 @@ class ModuleLoader:
             if unexpected:
                 raise QuantkitError(f"source tensor {unexpected[0]} is not a tensor of {type(root).__name__}")
             self.targets = {k: [k] for k in source.where}
+        self._check_complete()
+
+    def _check_complete(self) -> None:
+        """Every parameter of the model has a source tensor (tied parameters: one of their names), checked
+        before any block is read, so a broken checkpoint stops the run before it writes anything."""
+        groups: dict[int, list[str]] = {}
+        for name, p in self.root.named_parameters(remove_duplicate=False):
+            groups.setdefault(id(p), []).append(name)
+        for names in groups.values():
+            if not any(n in self.targets for n in names):
+                raise QuantkitError(f"tensor {names[0]} of {type(self.root).__name__} is missing from the source "
+                                    f"checkpoint {self.source.folder}")
 
     def _map_transformers_keys(self) -> None:
         from transformers.conversion_mapping import get_model_conversion_mapping
