@@ -143,10 +143,11 @@ def quantize_model(loaded: LoadedModel, recipe: Recipe, *, calib_prompts: str | 
         raise QuantkitError(f"method {recipe.method} cannot run on a streamed model; quantize with --no-stream")
     hooked = [b for _, b in blocks]
     spill = SpillManager(calib_memory, work_dir, calls) if calib_memory is not None and calls is not None else None
-    prop = BlockPropagator(root, hooked, calls, _clock_setter(root, calls), spill) if calls is not None else None
+    prop = (BlockPropagator(root, hooked, calls, _clock_setter(root, calls), spill, block_names)
+            if calls is not None else None)
     # Methods that compare with the full-precision block get a second stream of calls that runs every
     # block before it is quantized (the same modules, one step ahead), instead of a copy of the model.
-    fp_prop = (BlockPropagator(root, hooked, calls, _clock_setter(root, calls), spill)
+    fp_prop = (BlockPropagator(root, hooked, calls, _clock_setter(root, calls), spill, block_names)
                if calls is not None and method.needs_fp_inputs else None)
     walk = [(i, n, b) for i, ((n, b), u) in enumerate(zip(blocks, is_unit)) if u or stream is not None]
     unit_no = 0

@@ -40,8 +40,10 @@ class BlockPropagator:
     """
 
     def __init__(self, root: nn.Module, blocks: list[nn.Module], calls: list[CallArgs],
-                 before_resume: Callable[[int], None] | None = None, spill: SpillManager | None = None) -> None:
+                 before_resume: Callable[[int], None] | None = None, spill: SpillManager | None = None,
+                 names: list[str] | None = None) -> None:
         self.root, self.calls, self.before_resume, self.spill = root, calls, before_resume, spill
+        self.names = names or [str(i) for i in range(len(blocks))]
         self.index = {id(b): i for i, b in enumerate(blocks)}
         if len(self.index) != len(blocks):
             raise QuantkitError("the same module appears twice among the blocks of the walk")
@@ -130,6 +132,11 @@ class BlockPropagator:
             while not self.finished[k] and (self.pos[k] is None or self.pos[k] < i):
                 self._resume(k)
         reached = [k for k in range(len(self.calls)) if self.pos[k] == i]
+        later = [self.pos[k] for k in range(len(self.calls)) if self.pos[k] is not None and self.pos[k] > i]
+        if not reached and later:
+            # One pass per call needs the walk in execution order; a block that runs later would be skipped.
+            raise QuantkitError(f"block {self.names[min(later)]} ran before block {self.names[i]}: the adapter "
+                                "lists blocks out of execution order")
         if len(reached) < len(self.calls):
             log.debug("block %d reached by %d of %d calibration calls", i, len(reached), len(self.calls))
         args = [self.args[k] for k in reached]

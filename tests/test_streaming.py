@@ -304,3 +304,14 @@ def test_row_chunked_weight_quantization_is_bit_identical(spec, monkeypatch):
     for a, b in zip(whole.tensors().values(), rows.tensors().values()):
         assert a.shape == b.shape and torch.equal(a, b)
     assert rows.shape == whole.shape
+
+
+def test_blocks_out_of_execution_order_are_an_error(monkeypatch):
+    from quantkit.adapters.moe_lm import CausalLMAdapter
+    from quantkit.errors import QuantkitError
+
+    loaded = load_model("zoo:tiny-mixtral")
+    blocks = loaded.adapter.blocks(loaded.root)
+    monkeypatch.setattr(CausalLMAdapter, "blocks", lambda self, root: blocks[::-1])
+    with pytest.raises(QuantkitError, match="out of execution order"):
+        quantize_model(loaded, Recipe.from_dict({**STATIC_W8A8, "calib_size": 1}))
