@@ -151,22 +151,30 @@ def test_propagated_inputs_equal_a_fresh_capture(model, monkeypatch):
     from quantkit.methods.rtn import RTN
     from quantkit.pipeline import capture_block_inputs
 
+    import copy
+
     checked = []
 
+    def same(fresh, carried):
+        assert len(fresh) == len(carried)
+        for a, b in zip(fresh, carried):
+            for x, y in zip(list(a.args) + list(a.kwargs.values()), list(b.args) + list(b.kwargs.values())):
+                assert type(x) is type(y)
+                if isinstance(x, torch.Tensor):
+                    assert torch.equal(x, y)
+
     class Checking(RTN):
+        needs_fp_inputs = True  # the walk's second stream, through the not yet quantized blocks
+
         def quantize_block(self, ctx):
-            fresh = capture_block_inputs(ctx.root, ctx.block, ctx.calls)
-            assert len(fresh) == len(ctx.inputs)
-            for a, b in zip(fresh, ctx.inputs):
-                for x, y in zip(list(a.args) + list(a.kwargs.values()), list(b.args) + list(b.kwargs.values())):
-                    assert type(x) is type(y)
-                    if isinstance(x, torch.Tensor):
-                        assert torch.equal(x, y)
+            same(capture_block_inputs(ctx.root, ctx.block, ctx.calls), ctx.inputs)
+            same(capture_block_inputs(fp_root, fp_root.get_submodule(ctx.name), ctx.calls), ctx.fp_inputs)
             checked.append(ctx.name)
             return super().quantize_block(ctx)
 
     monkeypatch.setitem(mbase.METHODS, "checking", Checking)
     loaded = load_model(model)
+    fp_root = copy.deepcopy(loaded.root)
     rec = Recipe.from_dict({**STATIC_W8A8, "method": "checking", "calib_size": 2})
     quantize_model(loaded, rec)
     assert len(checked) >= 2
