@@ -162,6 +162,11 @@ class BlockPropagator:
             h.remove()
         self._handles = []
 
+    def __deepcopy__(self, memo: dict) -> "BlockPropagator":
+        # Methods deep-copy blocks (e.g. reconstruction's working copy); the copy's hooks point here,
+        # and they are inert on the walk's own thread, where methods run blocks.
+        return self
+
     def __enter__(self) -> "BlockPropagator":
         return self
 

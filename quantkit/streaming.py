@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from quantkit.errors import QuantkitError
@@ -52,16 +51,54 @@ def load_model_meta(source: str, dtype: Any = "auto") -> tuple[LoadedModel, Modu
     return loaded, ModuleLoader(root, weights, dtype)
 
 
+_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+              torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
+
+
+class _Shard:
+    """One safetensors file written as tensors arrive: their bytes go to a side file at once, the header
+    (which must come first) is written when the shard closes, then the bytes are appended to it."""
+
+    def __init__(self, folder: Path, name: str) -> None:
+        self.path = folder / name
+        self.data_path = folder / (name + ".data")
+        self.data = open(self.data_path, "wb")
+        self.header: dict[str, Any] = {}
+        self.size = 0
+
+    def add(self, key: str, t: torch.Tensor) -> None:
+        if t.dtype not in _ST_DTYPES:
+            raise QuantkitError(f"tensor {key} has dtype {t.dtype}, which safetensors cannot store")
+        t = t.detach().contiguous().cpu()
+        n = t.numel() * t.element_size()
+        if n:
+            self.data.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        self.header[key] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape),
+                            "data_offsets": [self.size, self.size + n]}
+        self.size += n
+
+    def close(self) -> None:
+        self.data.close()
+        head = json.dumps({"__metadata__": {"format": "pt"}, **self.header}, separators=(",", ":")).encode()
+        head += b" " * ((-len(head)) % 8)
+        with open(self.path, "wb") as out, open(self.data_path, "rb") as data:
+            out.write(len(head).to_bytes(8, "little"))
+            out.write(head)
+            shutil.copyfileobj(data, out, 16 * 1024 * 1024)
+        self.data_path.unlink()
+
+
 class ShardWriter:
-    """Appends tensors to output shards; a shard is written when the next tensors would overflow it."""
+    """Appends tensors to output shards as they come (nothing is held in memory); a new shard starts when
+    the next tensor would overflow the current one."""
 
     def __init__(self, folder: Path, max_shard_bytes: int) -> None:
         self.folder, self.max = folder, max_shard_bytes
-        self.pending: dict[str, torch.Tensor] = {}
-        self.pending_bytes = 0
-        self.parts: list[tuple[str, list[str]]] = []  # (temporary file name, keys)
+        self.shards: list[_Shard] = []
         self.tied: dict[str, str] = {}
         self.total = 0
+        self.pending_bytes = 0  # kept for accounting; tensors go to disk at once
 
     def add(self, state: dict[str, torch.Tensor]) -> None:
         from quantkit.io import _dedupe
@@ -70,37 +107,44 @@ class ShardWriter:
         self.tied.update(tied)
         for k, v in state.items():
             nbytes = v.numel() * v.element_size()
-            if self.pending and self.pending_bytes + nbytes > self.max:
-                self._flush()
-            self.pending[k] = v
-            self.pending_bytes += nbytes
+            if not self.shards or (self.shards[-1].header and self.shards[-1].size + nbytes > self.max):
+                if self.shards:
+                    self.shards[-1].close()
+                self.shards.append(_Shard(self.folder, f"part-{len(self.shards):05d}.safetensors"))
+            self.shards[-1].add(k, v)
             self.total += nbytes
-
-    def _flush(self) -> None:
-        name = f"part-{len(self.parts):05d}.safetensors"
-        save_file(self.pending, str(self.folder / name), metadata={"format": "pt"})
-        self.parts.append((name, list(self.pending)))
-        self.pending, self.pending_bytes = {}, 0
 
     def finish(self) -> list[str]:
         """Final names (quantized.safetensors, or quantized-0000i-of-0000n + index); returns the files."""
         from quantkit.io import INDEX_NAME, WEIGHTS_NAME
 
-        if self.pending or not self.parts:
-            self._flush()
-        if len(self.parts) == 1:
-            os.replace(self.folder / self.parts[0][0], self.folder / WEIGHTS_NAME)
+        if not self.shards:
+            self.shards.append(_Shard(self.folder, "part-00000.safetensors"))
+        self.shards[-1].close()
+        if len(self.shards) == 1:
+            os.replace(self.shards[0].path, self.folder / WEIGHTS_NAME)
             return [WEIGHTS_NAME]
-        n = len(self.parts)
+        n = len(self.shards)
         names, weight_map = [], {}
-        for i, (tmp, keys) in enumerate(self.parts):
+        for i, sh in enumerate(self.shards):
             name = f"quantized-{i + 1:05d}-of-{n:05d}.safetensors"
-            os.replace(self.folder / tmp, self.folder / name)
+            os.replace(sh.path, self.folder / name)
             names.append(name)
-            weight_map.update({k: name for k in keys})
+            weight_map.update({k: name for k in sh.header})
         (self.folder / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": self.total},
                                                           "weight_map": weight_map}, indent=1))
         return names
+
+
+def release_freed_memory() -> None:
+    """Ask glibc to hand freed heap pages back to the system (blocks come and go; without this the
+    process keeps their high-water mark). A no-op elsewhere."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 class StreamSession:
@@ -133,6 +177,7 @@ class StreamSession:
     def leave(self, name: str, module: nn.Module) -> None:
         self.writer.add(module.state_dict(prefix=f"{name}."))
         self.loader.release(name)
+        release_freed_memory()
 
     @contextlib.contextmanager
     def whole_model(self) -> Iterator[None]:
