@@ -177,6 +177,8 @@ class StreamSession:
     def leave(self, name: str, module: nn.Module) -> None:
         self.writer.add(module.state_dict(prefix=f"{name}."))
         self.loader.release(name)
+        for m in module.modules():  # dense dequantized copies quantized layers keep for the CPU path (nn.py)
+            m.__dict__.pop("_dequant_cache", None)
         release_freed_memory()
 
     @contextlib.contextmanager
