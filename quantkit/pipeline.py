@@ -155,6 +155,8 @@ def quantize_model(loaded: LoadedModel, recipe: Recipe, *, calib_prompts: str | 
     try:
         for i, bname, block in walk:
             tb = time.perf_counter()
+            if stream is not None and prop is None and i > 0:
+                stream.leave(*blocks[i - 1])  # nothing runs through it any more: one block in memory at a time
             if stream is not None:
                 stream.enter(bname, block)
             inputs, reached = prop.advance(i) if prop is not None else (None, [])
@@ -168,7 +170,7 @@ def quantize_model(loaded: LoadedModel, recipe: Recipe, *, calib_prompts: str | 
                 nxt = next((j for j, _, _ in walk if j > i), None)
                 if nxt is not None:
                     fp_prop.advance(nxt)  # runs FP block i now, before it is quantized
-            if stream is not None and i > 0:
+            if stream is not None and prop is not None and i > 0:
                 stream.leave(*blocks[i - 1])
             if not is_unit[i]:
                 continue
@@ -187,6 +189,10 @@ def quantize_model(loaded: LoadedModel, recipe: Recipe, *, calib_prompts: str | 
             else:
                 log.info("block %s: resumed from %s", bname, work_dir)
             done.update(q)
+            if stream is not None:  # the replaced full-precision layers: the plan still refers to them
+                for t in by_block.get(bname, []):
+                    if not t.plan.skip:
+                        t.module.to("meta")
             block_seconds[bname] = time.perf_counter() - tb  # (its write happens in the next step's leave)
         # Nothing needs the calls past the last block (the head would only cost time): close() unwinds them.
         if stream is not None and walk:

@@ -68,9 +68,10 @@ class SourceWeights:
         except (SafetensorError, OSError) as e:
             raise QuantkitError(f"cannot read {f}: {str(e).splitlines()[0]}") from None
 
-    def read(self, keys: list[str]) -> dict[str, torch.Tensor]:
-        """The tensors `keys`, each in its own fresh allocation. Files are opened for this call only, so
-        their memory maps (and the pages they pulled in) go away with it."""
+    def read(self, keys: list[str], own: bool = True) -> dict[str, torch.Tensor]:
+        """The tensors `keys`; with `own`, each in its own fresh allocation, else views of the file's memory
+        map (for a conversion that copies them anyway). Files are opened for this call only, so their maps
+        (and the pages they pulled in) go away with the last tensor that uses them."""
         by_file: dict[Path, list[str]] = {}
         for k in keys:
             by_file.setdefault(self.where[k], []).append(k)
@@ -79,7 +80,8 @@ class SourceWeights:
             try:
                 with self._open(f) as h:
                     for k in ks:
-                        out[k] = h.get_tensor(k).clone()  # aligned, owned: not a view of the map
+                        t = h.get_tensor(k)
+                        out[k] = t.clone() if own else t  # clone: aligned, owned, not a view of the map
             except (SafetensorError, OSError, RuntimeError) as e:
                 raise QuantkitError(f"cannot read tensors of {f}: {str(e).splitlines()[0]}") from None
         return out
@@ -179,7 +181,9 @@ class ModuleLoader:
         from transformers.core_model_loading import convert_and_load_state_dict_in_model
         from transformers.modeling_utils import LoadStateDictConfig
 
-        state = self.source.read([src for k in keys for src in self.targets[k]])
+        # Views of the files' maps: stacking per-expert tensors into fused experts copies them anyway;
+        # whatever arrives unconverted is given its own memory below (_own_mapped).
+        state = self.source.read([src for k in keys for src in self.targets[k]], own=False)
         if not state:
             return
         from transformers.utils import logging as hf_logging
@@ -198,6 +202,19 @@ class ModuleLoader:
         if info.conversion_errors:
             name = sorted(info.conversion_errors)[0]
             raise QuantkitError(f"source tensors of {name} could not be converted: {info.conversion_errors[name]}")
+        del state
+        self._own_mapped(keys)
+
+    def _own_mapped(self, keys: list[str]) -> None:
+        """Parameters still backed by a file's memory map get their own aligned copy (a map's pages are
+        not ours to keep, and CPU kernels can differ by an ulp with alignment)."""
+        with torch.no_grad():
+            for k in keys:
+                path, _, leaf = k.rpartition(".")
+                mod = self.root.get_submodule(path) if path else self.root
+                t = getattr(mod, leaf, None)
+                if isinstance(t, torch.Tensor) and not t.is_meta and not t.untyped_storage().resizable():
+                    t.data = t.data.clone()
 
     def release(self, prefix: str) -> None:
         """Hand a module's memory back: its tensors become meta tensors again."""

@@ -171,6 +171,7 @@ class StreamSession:
 
     def enter(self, name: str, module: nn.Module) -> None:
         self.loader.materialize([name])
+        release_freed_memory()  # the conversion's temporaries
         nbytes = sum(t.numel() * t.element_size() for t in module.state_dict().values())
         self.peak_block_bytes = max(self.peak_block_bytes, nbytes)
 
