@@ -194,6 +194,7 @@ def run_one(src: Path, out: Path, recipe: str, calib_size: int, calib_memory: st
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--build", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--src")
     ap.add_argument("--out")
     ap.add_argument("--recipe", default="rtn-w4a16-g128")
@@ -211,6 +212,10 @@ def main() -> None:
     args = ap.parse_args()
     if args.child:
         return child(args)
+    if args.build:  # in its own process: Linux keeps a process's peak RSS across fork+exec, so the parent
+        # must stay small for the quantization children's figures to be their own
+        print("BYTES", build_checkpoint(args.build, Path(args.out), args.layers))
+        return
     work = Path(args.work)
     rows = []
     for name in args.models.split(","):
@@ -222,7 +227,12 @@ def main() -> None:
         src = work / name
         shutil.rmtree(src, ignore_errors=True)
         t0 = time.perf_counter()
-        nbytes = build_checkpoint(name, src, layers)
+        cmd = [sys.executable, __file__, "--build", name, "--out", str(src)] + \
+            (["--layers", str(layers)] if layers is not None else [])
+        built = subprocess.run(cmd, capture_output=True, text=True)
+        if built.returncode != 0:
+            raise SystemExit(f"building {name} failed:\n{built.stderr[-3000:]}")
+        nbytes = int(next(x for x in built.stdout.splitlines() if x.startswith("BYTES "))[6:])
         print(f"{name}: wrote {nbytes / 1e9:.2f} GB of {CONFIGS[name]['dtype']} weights in "
               f"{time.perf_counter() - t0:.0f}s", flush=True)
         is_unet = CONFIGS[name]["kind"] == "diffusers"
