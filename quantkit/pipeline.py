@@ -155,11 +155,13 @@ def quantize_model(loaded: LoadedModel, recipe: Recipe, *, calib_prompts: str | 
     try:
         for i, bname, block in walk:
             tb = time.perf_counter()
-            if stream is not None and prop is None and i > 0:
-                stream.leave(*blocks[i - 1])  # nothing runs through it any more: one block in memory at a time
+            # Carry the calls up to block i (through block i-1) before block i is read: block i-1, its
+            # dense dequantization and block i are never in memory together.
+            inputs, reached = prop.advance(i) if prop is not None else (None, [])
+            if stream is not None and i > 0:
+                stream.leave(*blocks[i - 1])
             if stream is not None:
                 stream.enter(bname, block)
-            inputs, reached = prop.advance(i) if prop is not None else (None, [])
             fp_inputs = None
             if fp_prop is not None:
                 fp_args, fp_reached = fp_prop.advance(i)
@@ -170,8 +172,6 @@ def quantize_model(loaded: LoadedModel, recipe: Recipe, *, calib_prompts: str | 
                 nxt = next((j for j, _, _ in walk if j > i), None)
                 if nxt is not None:
                     fp_prop.advance(nxt)  # runs FP block i now, before it is quantized
-            if stream is not None and prop is not None and i > 0:
-                stream.leave(*blocks[i - 1])
             if not is_unit[i]:
                 continue
             if progress:
