@@ -6,19 +6,12 @@ from typing import Any
 __version__ = "0.1.0"
 
 
-def load(path, device: str = "cpu", dtype: Any = None):
+def load(path, device: str = "cpu", dtype="auto"):
     """Load a quantkit checkpoint folder; returns the same class the model was (a pipeline for a pipeline).
-
-    dtype: cast the compute tensors (activations, biases, unquantized weights); quantized codes and
-    scales keep their stored dtypes."""
+    dtype: 'auto' (as stored) or bfloat16/float16/float32 for the parts that run in full precision."""
     from quantkit.io import load as _load
 
-    obj = _load(path, device)
-    if dtype is not None:
-        from quantkit.api import cast_dtype
-
-        obj = cast_dtype(obj, dtype)
-    return obj
+    return _load(path, device, dtype)
 
 
 def quantize(model, recipe="rtn-w8a8", calib=None, **kwargs):

@@ -109,8 +109,6 @@ def save_checkpoint(loaded: LoadedModel, recipe: Recipe, result: Any, out: str |
                     overwrite: bool = False, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
                     source: Path | None = None) -> Path:
     """Write the quantized model atomically: a temp folder renamed into place when complete."""
-    import quantkit
-
     out = Path(out)
     check_output_dir(out, overwrite, source if source is not None else loaded.path)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -129,19 +127,7 @@ def save_checkpoint(loaded: LoadedModel, recipe: Recipe, result: Any, out: str |
             state.update(sentinel_tensors(loaded.root))
         files = _write_shards(state, wdir, max_shard_bytes, WEIGHT_STEMS.get(kind, "model"))
         write_quantization_config(wdir, quantization_config(result.layers, result.extras.get("attention", {})))
-        meta = {
-            "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "quantkit_version": quantkit.__version__,
-            "model": {"source": loaded.source, "kind": kind,
-                      "class": type(loaded.root).__name__, "component": loaded.component,
-                      "adapter": loaded.adapter.name},
-            "recipe": recipe.to_dict(), "layers": result.layers, "skipped": result.skipped,
-            "calibration": result.calibration, "weights": {"files": files, "tied": tied},
-            "seconds": round(result.seconds, 3), "versions": library_versions(),
-        }
-        clash = set(result.extras) & set(meta)
-        if clash:
-            raise QuantkitError(f"method records {sorted(clash)} clash with quantization.json's own keys")
-        meta.update(result.extras)
+        meta = checkpoint_meta(loaded, recipe, result, files, tied)
         from quantkit.output_guard import written_files
 
         meta["files"] = sorted([*written_files(tmp), QUANT_JSON])  # what a later --overwrite may replace
@@ -209,6 +195,27 @@ def write_quantization_config(folder: Path, qconfig: dict[str, Any]) -> None:
     p.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
+def checkpoint_meta(loaded: LoadedModel, recipe: Recipe, result: Any, files: list[str],
+                    tied: dict[str, str]) -> dict[str, Any]:
+    """quantization.json's content."""
+    import quantkit
+
+    meta = {
+        "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "quantkit_version": quantkit.__version__,
+        "model": {"source": loaded.source, "kind": folder_kind(loaded.path) if loaded.path else "model",
+                  "class": type(loaded.root).__name__, "component": loaded.component,
+                  "adapter": loaded.adapter.name},
+        "recipe": recipe.to_dict(), "layers": result.layers, "skipped": result.skipped,
+        "calibration": result.calibration, "weights": {"files": files, "tied": tied},
+        "seconds": round(result.seconds, 3), "versions": library_versions(),
+    }
+    clash = set(result.extras) & set(meta)
+    if clash:
+        raise QuantkitError(f"method records {sorted(clash)} clash with quantization.json's own keys")
+    meta.update(result.extras)
+    return meta
+
+
 def _replace_dir(tmp: Path, out: Path) -> None:
     if out.exists():
         backup = out.parent / f".{out.name}.old-{os.getpid()}"
@@ -260,8 +267,9 @@ def read_state(folder: Path, files: list[str], device: str = "cpu") -> dict[str,
     return state
 
 
-def _empty_root(folder: Path, kind: str) -> nn.Module:
-    """The model's architecture with parameters on the meta device (no memory, no init cost)."""
+def _empty_root(folder: Path, kind: str, dtype: torch.dtype | None = None) -> nn.Module:
+    """The model's architecture with parameters on the meta device (no memory, no init cost), in `dtype`
+    (None: as the class builds it)."""
     from accelerate import init_empty_weights
 
     with init_empty_weights(include_buffers=False):
@@ -270,14 +278,16 @@ def _empty_root(folder: Path, kind: str) -> nn.Module:
 
             cfg = json.loads((folder / "config.json").read_text())
             cls = getattr(diffusers, cfg["_class_name"])
-            return cls.from_config(cls.load_config(folder))
+            root = cls.from_config(cls.load_config(folder))
+            return root.to(dtype) if dtype is not None else root
         from transformers import AutoConfig
 
         from quantkit.models import transformers_class
 
         cls = transformers_class(folder)
         cfg = AutoConfig.from_pretrained(folder)
-        return cls.from_config(cfg) if hasattr(cls, "from_config") else cls._from_config(cfg)
+        kw = {"dtype": dtype} if dtype is not None else {}
+        return cls.from_config(cfg, **kw) if hasattr(cls, "from_config") else cls._from_config(cfg, **kw)
 
 
 def prepare_quantized_modules(root: nn.Module, layers: dict[str, Any], attention: dict[str, Any], where: Any) -> None:
@@ -344,20 +354,50 @@ def load_quantized_root(ckpt: Path, meta: dict[str, Any], device: str = "cpu") -
     return root
 
 
-def load(path: str | Path, device: str = "cpu") -> Any:
-    """Load a quantkit checkpoint (or a plain model folder) as the class it was saved from."""
+_BIASES = ("bias", "gate_up_bias", "down_bias")
+
+
+def cast_full_precision(root: nn.Module, dtype: torch.dtype) -> None:
+    """Cast what runs in the model's dtype (layers kept in full precision, norms, embeddings, the biases of
+    quantized layers); codes, scales and activation quantizer state stay as stored."""
+    from quantkit.layers import QUANT_MODULES
+
+    quant = [n for n, m in root.named_modules() if isinstance(m, QUANT_MODULES)]
+    with torch.no_grad():
+        for name, m in root.named_modules():
+            inside = any(name == q or name.startswith(q + ".") for q in quant)
+            if inside and name not in quant:
+                continue
+            for pn, prm in m._parameters.items():
+                if prm is not None and prm.is_floating_point() and not inside:
+                    prm.data = prm.data.to(dtype)
+            for bn, b in m._buffers.items():
+                if b is not None and b.is_floating_point() and (not inside or bn in _BIASES):
+                    m._buffers[bn] = b.to(dtype)
+
+
+def load(path: str | Path, device: str = "cpu", dtype: Any = "auto") -> Any:
+    """Load a quantkit checkpoint (or a plain model folder) as the class it was saved from.
+
+    dtype: 'auto' keeps the stored dtype (the one the model was quantized in); bfloat16/float16/float32 (or
+    a torch dtype) casts the full-precision parts, the way the model then runs."""
+    from quantkit.models import resolve_dtype
+
     p = Path(path)
     if not p.exists():
         raise QuantkitError(f"checkpoint path {p} does not exist")
     if not (p / QUANT_JSON).exists():
         from quantkit.models import load_model
 
-        return load_model(str(p), device).obj
+        return load_model(str(p), device, dtype).obj
     meta = read_quant_json(p)
     root = load_quantized_root(p, meta, device)
+    if dtype != "auto":
+        cast_full_precision(root, resolve_dtype(dtype, p))
     comp = meta["model"]["component"]
     if not comp:
         return root
     from quantkit.pipeline_load import load_pipeline_with
 
-    return load_pipeline_with(p, comp, root).to(device)
+    kw = {"dtype": resolve_dtype(dtype, p)} if dtype != "auto" else {}
+    return load_pipeline_with(p, comp, root, **kw).to(device)

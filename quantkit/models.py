@@ -90,8 +90,44 @@ def _diffusers_class(name: str) -> type:
     return cls
 
 
-def load_model(source: str, device: str = "cpu") -> LoadedModel:
-    """Load a full-precision model or pipeline from a local folder or the zoo.
+DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16",
+          "float32": "float32", "fp32": "float32"}
+
+
+def resolve_dtype(spec: Any, folder: Path) -> Any:
+    """A torch dtype from 'auto' (the checkpoint's own floating dtype), a name, or a torch dtype."""
+    import torch
+
+    if isinstance(spec, torch.dtype):
+        return spec
+    if spec is None or spec == "auto":
+        from quantkit.source_weights import SourceWeights, weight_files
+
+        try:
+            weight_files(folder)
+        except QuantkitError:
+            return torch.float32  # no safetensors here (e.g. a pipeline root): full precision
+        return SourceWeights(folder).dtype()
+    if spec not in DTYPES:
+        raise QuantkitError(f"unknown dtype {spec!r}; allowed: auto, bfloat16, float16, float32")
+    return getattr(torch, DTYPES[spec])
+
+
+def denoiser_component(path: Path) -> str:
+    """The pipeline component that is the denoiser, from model_index.json."""
+    try:
+        index = json.loads((path / "model_index.json").read_text())
+    except json.JSONDecodeError as e:
+        raise QuantkitError(f"{path / 'model_index.json'} is not valid JSON: {e}") from None
+    comp = next((c for c in DENOISER_COMPONENTS if isinstance(index.get(c), list) and index[c][0]), None)
+    if comp is None:
+        raise QuantkitError(f"pipeline {path} has no denoiser component ({', '.join(DENOISER_COMPONENTS)})")
+    return comp
+
+
+def load_model(source: str, device: str = "cpu", dtype: Any = "auto") -> LoadedModel:
+    """Load a full-precision model or pipeline from a local folder or the zoo, in `dtype` ('auto': the
+    checkpoint's own, e.g. bf16 stays bf16; the weights are never upcast to a whole-model fp32 copy).
 
     The folder's safetensors headers are checked against its config first (source_check.py): a
     missing, unexpected or wrongly shaped tensor is an error here, not a randomly initialized layer.
@@ -101,13 +137,14 @@ def load_model(source: str, device: str = "cpu") -> LoadedModel:
     path = resolve_path(source)
     kind = folder_kind(path)
     check_source_folder(path)
+    dtype = resolve_dtype(dtype, path / denoiser_component(path) if kind == "pipeline" else path)
     tokenizer = None
     component = None
     try:
         if kind == "pipeline":
             from diffusers import DiffusionPipeline
 
-            obj = DiffusionPipeline.from_pretrained(path, local_files_only=True)
+            obj = DiffusionPipeline.from_pretrained(path, local_files_only=True, dtype=dtype)
             component = next((c for c in DENOISER_COMPONENTS if getattr(obj, c, None) is not None), None)
             if component is None:
                 raise QuantkitError(f"pipeline {path} has no denoiser component ({', '.join(DENOISER_COMPONENTS)})")
@@ -115,11 +152,12 @@ def load_model(source: str, device: str = "cpu") -> LoadedModel:
         elif kind == "diffusers-model":
             cfg = json.loads((path / "config.json").read_text())
             obj, info = _diffusers_class(cfg["_class_name"]).from_pretrained(path, local_files_only=True,
-                                                                             output_loading_info=True)
+                                                                             output_loading_info=True, dtype=dtype)
             _check_loading_info(path, info)
             obj = obj.to(device)
         else:
-            obj, info = transformers_class(path).from_pretrained(path, local_files_only=True, output_loading_info=True)
+            obj, info = transformers_class(path).from_pretrained(path, local_files_only=True, output_loading_info=True,
+                                                                 dtype=dtype)
             _check_loading_info(path, info)
             obj = obj.to(device)
             tokenizer = load_tokenizer(path)

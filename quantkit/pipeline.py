@@ -3,6 +3,7 @@ it, swap its layers, move on. Later blocks are captured through the already quan
 each block sees quantized inputs; only one block's inputs are held at a time."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -21,6 +22,9 @@ from quantkit.methods import BlockContext, get_method
 from quantkit.models import LoadedModel
 from quantkit.nn import QuantExperts
 from quantkit.numeric_guard import check_inputs_finite, check_module_finite
+from quantkit.propagate import BlockPropagator
+from quantkit.spill import SpillManager
+from quantkit.walk_resume import BlockStream, WalkStore
 from quantkit.quantizers.step_clock import install_step_clock
 
 log = logging.getLogger(__name__)
@@ -36,6 +40,8 @@ class QuantizationResult:
     seconds: float
     blocks: list[str] = field(default_factory=list)
     extras: dict[str, Any] = field(default_factory=dict)  # method records for quantization.json (e.g. attention)
+    spill: dict[str, Any] = field(default_factory=dict)  # calibration activations kept / sent to disk (--calib-memory)
+    block_seconds: dict[str, float] = field(default_factory=dict)  # wall time per walked block (benchmarks)
 
 
 class _StopForward(Exception):
@@ -84,8 +90,15 @@ def check_plan(loaded: LoadedModel, recipe: Recipe) -> list[LayerTask]:
 
 def quantize_model(loaded: LoadedModel, recipe: Recipe, *, calib_prompts: str | None = None,
                    calib_text: str | None = None, calib_steps: int | None = None, calls: list[CallArgs] | None = None,
-                   progress: Progress | None = None, work_dir: str | Path | None = None) -> QuantizationResult:
-    """Quantize `loaded.root` in place by `recipe`; returns what was done."""
+                   progress: Progress | None = None, work_dir: str | Path | None = None,
+                   stream: BlockStream | None = None, calib_memory: int | None = None) -> QuantizationResult:
+    """Quantize `loaded.root` in place by `recipe`; returns what was done.
+
+    Calibration calls run once through the model, block by block (see quantkit.propagate). With
+    `stream`, blocks are materialized just before the calls reach them and handed back (written and
+    released) once every call has passed them. With `work_dir`, each finished block is kept there and
+    a rerun picks it up (see quantkit.walk_resume). With `calib_memory` (bytes), calibration activations
+    above it wait on disk (see quantkit.spill)."""
     t0 = time.time()
     root, adapter = loaded.root, loaded.adapter
     method = get_method(recipe.method, recipe)
@@ -104,7 +117,9 @@ def quantize_model(loaded: LoadedModel, recipe: Recipe, *, calib_prompts: str | 
             if progress:
                 progress("calibration sampling", sampled[0], recipe.calib_size)
 
-        calls = method.build_calibration(loaded, calib_steps, calib_prompts, calib_text, progress=tick)
+        whole = getattr(stream, "whole_model", None) if loaded.is_pipeline else None
+        with whole() if whole is not None else contextlib.nullcontext():
+            calls = method.build_calibration(loaded, calib_steps, calib_prompts, calib_text, progress=tick)
     if calls is not None:
         calibration = {"used": True, "calls": len(calls), "size": recipe.calib_size, "seed": recipe.seed,
                        "steps": calib_steps if loaded.is_pipeline else None,
@@ -117,34 +132,158 @@ def quantize_model(loaded: LoadedModel, recipe: Recipe, *, calib_prompts: str | 
     by_block: dict[str, list[LayerTask]] = {}
     for t in tasks:
         by_block.setdefault(_owner(t.name, block_names), []).append(t)
-    units = [(n, b) for n, b in blocks if any(not t.plan.skip for t in by_block.get(n, []))]
-    if any(not t.plan.skip for t in by_block.get("", [])):
-        units.append(("", root))  # layers outside every block (e.g. a DiT's final projection)
+    is_unit = [any(not t.plan.skip for t in by_block.get(n, [])) for n in block_names]
+    outside = any(not t.plan.skip for t in by_block.get("", []))
+    if stream is not None and outside and calls is not None:
+        raise QuantkitError("layers outside every block need a whole-model forward for calibration, which "
+                            "layer streaming cannot do; skip them in the recipe or quantize with --no-stream")
+    units = [(n, b) for (n, b), u in zip(blocks, is_unit) if u] + ([("", root)] if outside else [])
+    if calls is not None:
+        calls = [cast_call(c, model_dtype(root)) for c in calls]
+    store = WalkStore(work_dir, recipe, loaded, calls) if work_dir is not None and method.walk_resume else None
     done: dict[str, nn.Module] = {}
-    for i, (bname, block) in enumerate(units):
+    if stream is not None and not method.supports_streaming:
+        raise QuantkitError(f"method {recipe.method} cannot run on a streamed model; quantize with --no-stream")
+    hooked = [b for _, b in blocks]
+    spill = SpillManager(calib_memory, work_dir, calls) if calib_memory is not None and calls is not None else None
+    prop = (BlockPropagator(root, hooked, calls, _clock_setter(root, calls), spill, block_names)
+            if calls is not None else None)
+    # Methods that compare with the full-precision block get a second stream of calls that runs every
+    # block before it is quantized (the same modules, one step ahead), instead of a copy of the model.
+    fp_prop = (BlockPropagator(root, hooked, calls, _clock_setter(root, calls), spill, block_names)
+               if calls is not None and method.needs_fp_inputs else None)
+    walk = [(i, n, b) for i, ((n, b), u) in enumerate(zip(blocks, is_unit)) if u or stream is not None]
+    unit_no = 0
+    block_seconds: dict[str, float] = {}
+    try:
+        for i, bname, block in walk:
+            tb = time.perf_counter()
+            # Carry the calls up to block i (through block i-1) before block i is read: block i-1, its
+            # dense dequantization and block i are never in memory together.
+            inputs, reached = prop.advance(i) if prop is not None else (None, [])
+            if stream is not None and i > 0:
+                stream.leave(*blocks[i - 1])
+            if stream is not None:
+                stream.enter(bname, block)
+            fp_inputs = None
+            if fp_prop is not None:
+                fp_args, fp_reached = fp_prop.advance(i)
+                if fp_reached != reached:
+                    raise QuantkitError(f"block {bname}: full-precision and quantized calibration calls diverged")
+                if is_unit[i]:
+                    fp_inputs = [CallArgs(_detach(c.args), _detach(c.kwargs)) for c in fp_args]  # (spilled: copies)
+                nxt = next((j for j, _, _ in walk if j > i), None)
+                if nxt is not None:
+                    fp_prop.advance(nxt)  # runs FP block i now, before it is quantized
+            if not is_unit[i]:
+                continue
+            if progress:
+                progress(bname, unit_no, len(units))
+            unit_no += 1
+            q = store.load(unit_no - 1, bname, block) if store is not None else None
+            if q is None:
+                q = _quantize_unit(method, bname, block, by_block, inputs, reached, root, calls, progress, work_dir,
+                                   recipe.seed, unit_no - 1, fp_inputs)
+                for name, qmodule in q.items():
+                    set_submodule(root, name, qmodule)
+                if store is not None:
+                    store.save(unit_no - 1, bname, block, q, [t for t in by_block.get(bname, []) if not t.plan.skip],
+                               method.checkpoint_extras())
+            else:
+                log.info("block %s: resumed from %s", bname, work_dir)
+                method.resumed_blocks.append(bname)
+            done.update(q)
+            if stream is not None:  # the replaced full-precision layers: the plan still refers to them
+                for t in by_block.get(bname, []):
+                    if not t.plan.skip:
+                        t.module.to("meta")
+            block_seconds[bname] = time.perf_counter() - tb  # (its write happens in the next step's leave)
+        # Nothing needs the calls past the last block (the head would only cost time): close() unwinds them.
+        if stream is not None and walk:
+            stream.leave(*blocks[walk[-1][0]])
+    finally:
+        for p in (prop, fp_prop):
+            if p is not None:
+                p.close()
+        calibration_spill: dict[str, Any] = {}
+        if spill is not None:
+            calibration_spill = {"budget": calib_memory, "peak_resident": spill.peak_resident,
+                                 "spilled": spill.bytes_spilled}
+            log.info("calibration activations: %s", calibration_spill)
+            spill.close()
+    if outside:
         if progress:
-            progress(bname or "(outside blocks)", i, len(units))
-        inputs = None
-        if calls is not None:
-            inputs = calls if block is root else capture_block_inputs(root, block, calls)
-            check_inputs_finite(inputs, f"block {bname or '(root)'}")
-        ctx = BlockContext(bname, block, by_block.get(bname, []), inputs, root, calls=calls, progress=progress,
-                           work_dir=Path(work_dir) if work_dir is not None else None)
-        for name, qmodule in method.quantize_block(ctx).items():
-            check_module_finite(name, qmodule)
+            progress("(outside blocks)", unit_no, len(units))
+        q = _quantize_unit(method, "", root, by_block, calls, list(range(len(calls or []))), root, calls, progress,
+                           work_dir, recipe.seed, len(units) - 1)
+        for name, qmodule in q.items():
             set_submodule(root, name, qmodule)
             done[name] = qmodule
-        log.info("quantized %s (%d layers)", bname or "layers outside blocks", len(ctx.tasks))
     if progress:
         progress("done", len(units), len(units))
+    extras = method.checkpoint_extras()
+    if store is not None:
+        extras = store.merged_extras(extras)
     _verify(root, todo, done)
     install_step_clock(root)  # timestep-aware quantizers (DGQ) follow the sampler from now on
     if method.resumed_blocks:
         calibration["resumed_blocks"] = len(method.resumed_blocks)
     layers = {t.name: layer_record(t, done[t.name]) for t in todo}
     skipped = {t.name: t.role for t in tasks if t.plan.skip}
-    return QuantizationResult(layers, skipped, calibration, time.time() - t0, [n for n, _ in units],
-                              method.checkpoint_extras())
+    return QuantizationResult(layers, skipped, calibration, time.time() - t0, [n for n, _ in units], extras,
+                              calibration_spill, block_seconds)
+
+
+def _quantize_unit(method: Any, bname: str, block: nn.Module, by_block: dict[str, list[LayerTask]],
+                   inputs: list[CallArgs] | None, reached: list[int], root: nn.Module, calls: list[CallArgs] | None,
+                   progress: Progress | None, work_dir: str | Path | None, seed: int, unit: int,
+                   fp_inputs: list[CallArgs] | None = None) -> dict[str, nn.Module]:
+    """One block through the method, with a per-block seed for methods that draw from torch's global RNG
+    (so a resumed run draws the same numbers as an uninterrupted one)."""
+    ctx = BlockContext(bname, block, by_block.get(bname, []), inputs, root,
+                       calls=[calls[k] for k in reached] if calls is not None else None, progress=progress,
+                       work_dir=Path(work_dir) if work_dir is not None else None, fp_inputs=fp_inputs)
+    if inputs is not None:
+        check_inputs_finite(inputs, f"block {bname or '(root)'}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed * 100_003 + unit)
+        q = method.quantize_block(ctx)
+    for name, qmodule in q.items():
+        check_module_finite(name, qmodule)
+    log.info("quantized %s (%d layers)", bname or "layers outside blocks", len(ctx.tasks))
+    return q
+
+
+def _clock_setter(root: nn.Module, calls: list[CallArgs]) -> Callable[[int], None]:
+    """Before call k resumes: point timestep-aware quantizers at call k's step (calls interleave)."""
+
+    def set_clock(k: int) -> None:
+        fn = getattr(root, "_quantkit_clock_fn", None)
+        if fn is not None:
+            fn(calls[k].args, calls[k].kwargs)
+
+    return set_clock
+
+
+def model_dtype(root: nn.Module) -> torch.dtype:
+    """The floating dtype of the root's parameters (the first floating one)."""
+    for p in root.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def cast_call(call: CallArgs, dtype: torch.dtype) -> CallArgs:
+    """Floating tensors of a calibration call in the model's dtype (timesteps and ids are left alone)."""
+
+    def cv(v: Any) -> Any:
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and v.dim() > 1 and v.dtype != dtype:
+            return v.to(dtype)
+        if isinstance(v, dict):
+            return {k: cv(x) for k, x in v.items()}
+        return v
+
+    return CallArgs(tuple(cv(a) for a in call.args), {k: cv(v) for k, v in call.kwargs.items()})
 
 
 def _verify(root: nn.Module, todo: list[LayerTask], done: dict[str, nn.Module]) -> None:

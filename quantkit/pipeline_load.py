@@ -13,8 +13,9 @@ from typing import Any
 from torch import nn
 
 
-def load_pipeline_with(folder: Path, component: str, module: nn.Module) -> Any:
-    """The pipeline of `folder` with `module` as its `component`."""
+def load_pipeline_with(folder: Path, component: str, module: nn.Module, **kw: Any) -> Any:
+    """The pipeline of `folder` with `module` as its `component`; `kw` goes to every from_pretrained
+    (e.g. dtype)."""
     import diffusers
     from diffusers import DiffusionPipeline
 
@@ -22,7 +23,7 @@ def load_pipeline_with(folder: Path, component: str, module: nn.Module) -> Any:
     cls = getattr(diffusers, index["_class_name"])
     expected, optional = cls._get_signature_keys(cls)
     if component in expected and component not in getattr(cls, "_optional_components", []):
-        return DiffusionPipeline.from_pretrained(folder, local_files_only=True, **{component: module})
+        return DiffusionPipeline.from_pretrained(folder, local_files_only=True, **kw, **{component: module})
     parts: dict[str, Any] = {component: module}
     for name, value in index.items():
         if name.startswith("_") or name == component:
@@ -33,7 +34,7 @@ def load_pipeline_with(folder: Path, component: str, module: nn.Module) -> Any:
                 parts[name] = None
                 continue
             owner = getattr(importlib.import_module(library), class_name)
-            parts[name] = owner.from_pretrained(folder / name, local_files_only=True)
+            parts[name] = owner.from_pretrained(folder / name, local_files_only=True, **kw)
         elif name in optional or name in expected:
             parts[name] = value  # plain config values (e.g. boundary_ratio)
     return cls(**parts)

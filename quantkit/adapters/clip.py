@@ -25,7 +25,8 @@ class CLIPAdapter(ModelAdapter):
         return all(hasattr(root, a) for a in (*TOWERS, "logit_scale"))
 
     def blocks(self, root: nn.Module) -> list[tuple[str, nn.Module]]:
-        return [(f"{t}.encoder.layers.{i}", layer) for t in TOWERS
+        # Execution order of CLIPModel.forward (vision tower first): calibration walks blocks in one pass.
+        return [(f"{t}.encoder.layers.{i}", layer) for t in ("vision_model", "text_model")
                 for i, layer in enumerate(getattr(root, t).encoder.layers)]
 
     def role(self, name: str, module: nn.Module) -> str:

@@ -89,6 +89,11 @@ class UNetAdapter(ModelAdapter):
             if cross is not None:
                 cross = cross if isinstance(cross, int) else cross[0]
                 kwargs["encoder_hidden_states"] = torch.randn(1, 8, cross, generator=g)
+            if getattr(cfg, "addition_embed_type", None) == "text_time":  # SDXL: pooled text + size/crop ids
+                n_ids = 6
+                text = cfg.projection_class_embeddings_input_dim - n_ids * cfg.addition_time_embed_dim
+                kwargs["added_cond_kwargs"] = {"text_embeds": torch.randn(1, text, generator=g),
+                                               "time_ids": torch.randint(0, 1024, (1, n_ids), generator=g).float()}
             if getattr(cfg, "num_class_embeds", None):
                 kwargs["class_labels"] = torch.randint(0, cfg.num_class_embeds, (1,), generator=g)
             out.append(CallArgs((), kwargs))

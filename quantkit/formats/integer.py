@@ -40,16 +40,18 @@ def int_qparams(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Min-max scale (and zero for asymmetric) of `x` [..., K]; scale is rounded to `scale_dtype`."""
     spec.check_k(x.shape[-1])
-    xg = _group_view(x.float(), spec)
+    # Min and max are exact in the input's own dtype: reduce first, convert the [.., groups] results only
+    # (no fp32 copy of the weight; same values as reducing its fp32 copy).
+    xg = _group_view(x, spec)
     if spec.symmetric:
         qmax = (1 << (spec.bits - 1)) - 1
-        amax = xg.abs().amax(dim=-1)
+        amax = torch.maximum(xg.amax(dim=-1), xg.amin(dim=-1).neg()).float()  # = |x|.amax, NaN included
         scale = amax / qmax
         zero = None
     else:
         levels = (1 << spec.bits) - 1
-        lo = xg.amin(dim=-1).clamp(max=0)
-        hi = xg.amax(dim=-1).clamp(min=0)
+        lo = xg.amin(dim=-1).float().clamp(max=0)
+        hi = xg.amax(dim=-1).float().clamp(min=0)
         scale = (hi - lo) / levels
     # An all-zero group would give scale 0 and NaN codes: any positive scale encodes it exactly.
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
@@ -65,14 +67,16 @@ def quantize_int_with(
     x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, spec: FormatSpec
 ) -> torch.Tensor:
     """Codes (uint8, same shape as x) of `x` for given scale/zero."""
-    xg = _group_view(x.float(), spec)
+    xg = _group_view(x, spec)
     s = scale.float().unsqueeze(-1)
+    # One fp32 buffer, updated in place (same values as the out-of-place expression, less memory traffic).
+    q = xg.float().div_(s) if xg.dtype != torch.float32 else xg / s
+    q.round_()
     if spec.symmetric:
         off = zero_offset(spec)
-        q = torch.round(xg / s).clamp(-off, off - 1) + off
+        q.clamp_(-off, off - 1).add_(off)
     else:
-        z = zero.float().unsqueeze(-1)
-        q = (torch.round(xg / s) + z).clamp(0, (1 << spec.bits) - 1)
+        q.add_(zero.float().unsqueeze(-1)).clamp_(0, (1 << spec.bits) - 1)
     return q.to(torch.uint8).reshape(x.shape)
 
 

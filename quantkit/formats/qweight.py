@@ -15,6 +15,9 @@ from quantkit.formats.spec import FormatSpec
 WEIGHT_SCALE_DTYPE = torch.float16
 
 
+_CHUNK_ELEMS = 1 << 21  # weight elements quantized at a time (8 MB of fp32 temporaries)
+
+
 @dataclass
 class QuantizedWeight:
     """A weight [..., N, K] quantized along K (the input dimension).
@@ -42,8 +45,28 @@ class QuantizedWeight:
     @classmethod
     def quantize(cls, w: torch.Tensor, spec: FormatSpec) -> "QuantizedWeight":
         """Round-to-nearest quantization of `w` [..., N, K]."""
+        if spec.kind == "int" and spec.granularity != "tensor" and w.numel() > 2 * _CHUNK_ELEMS:
+            return cls._quantize_rows(w, spec)
         codes, scale, zero = quantize_codes(w, spec)
         return cls.from_codes(codes, scale, zero, spec)
+
+    @classmethod
+    def _quantize_rows(cls, w: torch.Tensor, spec: FormatSpec) -> "QuantizedWeight":
+        """Rows are independent for per-channel and per-group scales: quantize and pack a few MB of rows
+        at a time, so the fp32 temporaries stay in cache (about 2x the throughput; the same codes)."""
+        k = w.shape[-1]
+        flat = w.reshape(-1, k)
+        step = max(1, _CHUNK_ELEMS // k)
+        packed, scales, zeros = [], [], []
+        for i in range(0, flat.shape[0], step):
+            codes, scale, zero = quantize_codes(flat[i:i + step], spec)
+            packed.append(pack(codes, spec.bits))
+            scales.append(scale)
+            zeros.append(zero)
+        lead = tuple(w.shape[:-1])
+        scale = torch.cat(scales).reshape(*lead, scales[0].shape[-1])
+        zero = torch.cat(zeros).reshape(*lead, zeros[0].shape[-1]) if zeros[0] is not None else None
+        return cls(torch.cat(packed).reshape(*lead, -1), scale, zero, tuple(w.shape), spec)
 
     @classmethod
     def from_codes(

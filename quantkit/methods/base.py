@@ -48,6 +48,8 @@ class BlockContext:
     calls: list[CallArgs] | None = None  # the root-level calibration calls the inputs came from
     progress: Callable[[str, int, int], None] | None = None  # (what, done, total) for long per-block work
     work_dir: Path | None = None  # where a method may keep per-block progress to resume a killed run
+    # The block's inputs in the full-precision model (methods with needs_fp_inputs), aligned with `inputs`.
+    fp_inputs: list[CallArgs] | None = None
 
     def local_name(self, task: LayerTask) -> str:
         return task.name[len(self.name) + 1:] if self.name else task.name
@@ -63,6 +65,15 @@ class Method:
 
     name = "base"
     default_calib_steps = 10  # sampler steps recorded per calibration prompt when none are asked for
+    # The walk keeps each finished block for a killed run to resume (quantkit.walk_resume). Methods that
+    # hold a full-precision copy of the root taken at their first block cannot start mid-walk.
+    walk_resume = True
+    # Blocks may be materialized one at a time from the source files (quantkit.streaming); methods that
+    # run a full-precision copy of the whole root cannot.
+    supports_streaming = True
+    # The walk also carries the calls through the full-precision blocks and hands each block its FP
+    # inputs (ctx.fp_inputs), for methods that reconstruct towards the FP block's output.
+    needs_fp_inputs = False
 
     def __init__(self, recipe: Recipe) -> None:
         self.recipe = recipe

@@ -19,7 +19,6 @@ method_options (defaults):
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import inspect
 import logging
@@ -65,7 +64,7 @@ class DGQ(Method):
         self.default_calib_steps = int(self.opts["calib_steps"])
         self.attention_records: dict[str, dict[str, Any]] = {}
         self.recon_stats: dict[str, dict[str, float]] = {}
-        self._fp_root: nn.Module | None = None
+        self.needs_fp_inputs = bool(self.opts["weight_recon"])  # BRECQ targets: the FP block's outputs
 
     def check_model(self, loaded: Any) -> None:
         if not loaded.is_pipeline:
@@ -91,8 +90,6 @@ class DGQ(Method):
     # ------------------------------------------------------------------------------------------
     def quantize_block(self, ctx: BlockContext) -> dict[str, nn.Module]:
         tasks = [t for t in ctx.tasks if not t.plan.skip]
-        if self._fp_root is None and self.opts["weight_recon"]:
-            self._fp_root = copy.deepcopy(ctx.root).eval()
         if ctx.inputs is None or ctx.calls is None:
             raise QuantkitError("dgq needs calibration inputs for every block")
         out = self._quantized_weights(ctx, tasks)
@@ -120,7 +117,6 @@ class DGQ(Method):
         wtasks = [dataclasses.replace(t, plan=dataclasses.replace(t.plan, activation=None)) for t in tasks]
         if not self.opts["weight_recon"] or ctx.block is ctx.root:
             return {t.name: build_quantized(t) for t in wtasks}
-        from quantkit.pipeline import capture_block_inputs
         from quantkit.recon.engine import ReconConfig, reconstruct_block
 
         # BRECQ / AdaRound as the official SD weight path: MSE init, rounding regularizer (weight
@@ -128,7 +124,9 @@ class DGQ(Method):
         cfg = ReconConfig(rounding="adaround", iters=int(self.opts["recon_iters"]), lr_w=float(self.opts["recon_lr"]),
                           input_prob=1.0, act_drop_prob=0.0, lambda_add=0.0, weight_init="mse",
                           learn_act_step=False, round_reg=True, round_reg_weight=0.01, seed=self.recipe.seed)
-        fp_calls = capture_block_inputs(self._fp_root, self._fp_root.get_submodule(ctx.name), ctx.calls)
+        fp_calls = ctx.fp_inputs  # carried through the FP blocks by the walk
+        if fp_calls is None:
+            raise QuantkitError(f"dgq: block {ctx.name} has no full-precision inputs")
         res = reconstruct_block(ctx.name, ctx.block, wtasks, ctx.inputs, fp_calls, cfg, ctx.progress)
         self.recon_stats[ctx.name] = {"loss_start": res.loss_start, "loss_end": res.loss_end}
         return res.modules

@@ -6,7 +6,6 @@ LSQ activation steps and QDrop input mixing. One set of parameters for all times
 """
 from __future__ import annotations
 
-import copy
 import logging
 from typing import Any, Callable
 
@@ -33,6 +32,7 @@ class ReconMethod(Method):
     """Block by block: capture FP inputs from a full-precision copy of the model, reconstruct, ship."""
 
     recon_defaults: dict[str, Any] = {}
+    needs_fp_inputs = True
 
     @classmethod
     def option_defaults(cls) -> dict[str, Any]:
@@ -50,7 +50,6 @@ class ReconMethod(Method):
             raise QuantkitError(f"unknown method_options {sorted(unknown)} for {self.name}; allowed: "
                                 f"{', '.join(sorted(set(ReconConfig.__dataclass_fields__) | set(SELECTION_OPTIONS)))}")
         self.cfg = ReconConfig.from_options(self.options, **{"seed": recipe.seed, **self.recon_defaults})
-        self._fp_root: nn.Module | None = None
         self.block_stats: dict[str, dict[str, float]] = {}
 
     def needs_calibration(self, tasks: list[LayerTask]) -> bool:
@@ -58,17 +57,15 @@ class ReconMethod(Method):
 
     def quantize_block(self, ctx: BlockContext) -> dict[str, nn.Module]:
         tasks = [t for t in ctx.tasks if not t.plan.skip]
-        if self._fp_root is None:
-            # The first block is handed over before any layer is swapped: the root is still FP.
-            self._fp_root = copy.deepcopy(ctx.root).eval()
         if ctx.inputs is None or ctx.calls is None or ctx.block is ctx.root:
             # Layers outside every block (rare; the default recipes skip them): calibrated RTN.
-            log.warning("%s: %d layers outside the blocks (e.g. %s) get calibrated round-to-nearest, not "
-                        "reconstruction", self.name, len(tasks), tasks[0].name if tasks else "-")
+            log.info("%s: no block to reconstruct for %d layers outside blocks; using RTN", self.name, len(tasks))
             return RTN(self.recipe.replace(method="rtn", method_options={})).quantize_block(ctx)
-        from quantkit.pipeline import capture_block_inputs
+        fp_calls = ctx.fp_inputs  # the block's inputs in the FP model, carried by the walk (needs_fp_inputs)
+        if fp_calls is None:
+            from quantkit.errors import QuantkitError
 
-        fp_calls = capture_block_inputs(self._fp_root, self._fp_root.get_submodule(ctx.name), ctx.calls)
+            raise QuantkitError(f"{self.name}: block {ctx.name} has no full-precision inputs")
         store = BlockStore(ctx.work_dir) if ctx.work_dir is not None else None
         fp = fingerprint(self.recipe.to_dict(), ctx.name, ctx.block, fp_calls) if store else ""
         if store is not None:

@@ -40,6 +40,7 @@ def install_step_clock(root: nn.Module, argument: str = "timestep") -> StepClock
     if old is not None:
         old.remove()
     if not modules:
+        root.__dict__.pop("_quantkit_clock_fn", None)
         return None
     sig = inspect.signature(root.forward)
     if argument not in sig.parameters:
@@ -51,6 +52,8 @@ def install_step_clock(root: nn.Module, argument: str = "timestep") -> StepClock
         clock.t = timestep_value(sig.bind_partial(*args, **kwargs).arguments.get(argument))
 
     root._quantkit_clock_hook = root.register_forward_pre_hook(hook, with_kwargs=True)
+    # Calibration calls interleave block by block (quantkit.propagate): the walk re-points the clock per call.
+    root._quantkit_clock_fn = lambda args, kwargs: hook(root, args, kwargs)
     for m in modules:
         m.clock = clock
     return clock

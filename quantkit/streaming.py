@@ -1,0 +1,253 @@
+"""Layer streaming: quantize a model block by block straight from its safetensors, never holding
+more than one block's weights (plus the parts outside blocks: embeddings, norms, heads).
+
+The model is built on the meta device; `StreamSession` is the walk's BlockStream: `enter` reads a
+block's tensors from the source files, `leave` (once every calibration call has passed the block)
+appends the block's final tensors to the output shards and turns them back into meta tensors. The
+output folder is written under a temporary name and renamed into place when complete.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from quantkit.errors import QuantkitError
+from quantkit.models import LoadedModel, denoiser_component, folder_kind, load_tokenizer, resolve_path, resolve_dtype
+from quantkit.source_weights import ModuleLoader, SourceWeights
+
+log = logging.getLogger(__name__)
+
+
+def load_model_meta(source: str, dtype: Any = "auto") -> tuple[LoadedModel, ModuleLoader]:
+    """The model (or pipeline) with its quantized root on the meta device, and the root's loader."""
+    from quantkit.adapters import adapter_for
+    from quantkit.io import _empty_root
+
+    from quantkit.source_check import check_source_folder
+
+    path = resolve_path(source)
+    kind = folder_kind(path)
+    check_source_folder(path)  # names, shapes and dtypes against the config, from the headers alone
+    component = denoiser_component(path) if kind == "pipeline" else None
+    folder = path / component if component else path
+    dtype = resolve_dtype(dtype, folder)
+    weights = SourceWeights(folder)
+    root = _empty_root(folder, "diffusers-model" if kind == "pipeline" else kind, dtype)
+    root.eval()
+    obj, tokenizer = root, None
+    if component:
+        from quantkit.pipeline_load import load_pipeline_with
+
+        # The other components (text encoder, VAE, scheduler) are small next to the denoiser: loaded whole.
+        obj = load_pipeline_with(path, component, root, dtype=dtype)
+    elif kind == "transformers-model":
+        tokenizer = load_tokenizer(path)
+    loaded = LoadedModel(obj, source, path, component, adapter_for(root), tokenizer)
+    return loaded, ModuleLoader(root, weights, dtype)
+
+
+_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+              torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
+
+
+class _Shard:
+    """One safetensors file written as tensors arrive: their bytes go to a side file at once, the header
+    (which must come first) is written when the shard closes, then the bytes are appended to it."""
+
+    def __init__(self, folder: Path, name: str) -> None:
+        self.path = folder / name
+        self.data_path = folder / (name + ".data")
+        self.data = open(self.data_path, "wb")
+        self.header: dict[str, Any] = {}
+        self.size = 0
+
+    def add(self, key: str, t: torch.Tensor) -> None:
+        if t.dtype not in _ST_DTYPES:
+            raise QuantkitError(f"tensor {key} has dtype {t.dtype}, which safetensors cannot store")
+        t = t.detach().contiguous().cpu()
+        n = t.numel() * t.element_size()
+        if n:
+            self.data.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        self.header[key] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape),
+                            "data_offsets": [self.size, self.size + n]}
+        self.size += n
+
+    def close(self) -> None:
+        self.data.close()
+        head = json.dumps({"__metadata__": {"format": "pt"}, **self.header}, separators=(",", ":")).encode()
+        head += b" " * ((-len(head)) % 8)
+        with open(self.path, "wb") as out, open(self.data_path, "rb") as data:
+            out.write(len(head).to_bytes(8, "little"))
+            out.write(head)
+            shutil.copyfileobj(data, out, 16 * 1024 * 1024)
+        self.data_path.unlink()
+
+
+class ShardWriter:
+    """Appends tensors to output shards as they come (nothing is held in memory); a new shard starts when
+    the next tensor would overflow the current one."""
+
+    def __init__(self, folder: Path, max_shard_bytes: int, stem: str = "model") -> None:
+        self.folder, self.max, self.stem = folder, max_shard_bytes, stem
+        self.shards: list[_Shard] = []
+        self.tied: dict[str, str] = {}
+        self.total = 0
+        self.pending_bytes = 0  # kept for accounting; tensors go to disk at once
+
+    def add(self, state: dict[str, torch.Tensor]) -> None:
+        from quantkit.io import _dedupe
+
+        state, tied = _dedupe(state)
+        self.tied.update(tied)
+        for k, v in state.items():
+            nbytes = v.numel() * v.element_size()
+            if not self.shards or (self.shards[-1].header and self.shards[-1].size + nbytes > self.max):
+                if self.shards:
+                    self.shards[-1].close()
+                self.shards.append(_Shard(self.folder, f"part-{len(self.shards):05d}.safetensors"))
+            self.shards[-1].add(k, v)
+            self.total += nbytes
+
+    def finish(self) -> list[str]:
+        """Final names (STEM.safetensors, or STEM-0000i-of-0000n + STEM.safetensors.index.json, as the
+        libraries name them); returns the files."""
+        if not self.shards:
+            self.shards.append(_Shard(self.folder, "part-00000.safetensors"))
+        self.shards[-1].close()
+        if len(self.shards) == 1:
+            os.replace(self.shards[0].path, self.folder / f"{self.stem}.safetensors")
+            return [f"{self.stem}.safetensors"]
+        n = len(self.shards)
+        names, weight_map = [], {}
+        for i, sh in enumerate(self.shards):
+            name = f"{self.stem}-{i + 1:05d}-of-{n:05d}.safetensors"
+            os.replace(sh.path, self.folder / name)
+            names.append(name)
+            weight_map.update({k: name for k in sh.header})
+        (self.folder / f"{self.stem}.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": self.total},
+                                                          "weight_map": weight_map}, indent=1))
+        return names
+
+
+def release_freed_memory() -> None:
+    """Ask glibc to hand freed heap pages back to the system (blocks come and go; without this the
+    process keeps their high-water mark). A no-op elsewhere."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class StreamSession:
+    """The walk's BlockStream for a meta-device model (see the module docstring)."""
+
+    def __init__(self, loaded: LoadedModel, loader: ModuleLoader, out: str | Path, *, overwrite: bool = False,
+                 max_shard_bytes: int = 2 * 1024**3) -> None:
+        from quantkit.io import _copy_source, check_output_dir
+
+        self.loaded, self.loader = loaded, loader
+        self.out = Path(out)
+        check_output_dir(self.out, overwrite, loaded.path)
+        self.overwrite = overwrite
+        self.block_names = [n for n, _ in loaded.adapter.blocks(loaded.root)]
+        self.tmp = self.out.parent / f".{self.out.name}.tmp-stream"
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        _copy_source(loaded.path, self.tmp, loaded.component)
+        self.wdir = self.tmp / loaded.component if loaded.component else self.tmp
+        self.wdir.mkdir(parents=True, exist_ok=True)
+        from quantkit.io import WEIGHT_STEMS
+
+        self.kind = folder_kind(loaded.path) if loaded.path else "model"
+        self.writer = ShardWriter(self.wdir, max_shard_bytes, WEIGHT_STEMS.get(self.kind, "model"))
+        self.loader.materialize([""], exclude=self.block_names)  # embeddings, norms, heads: small, needed throughout
+        from quantkit.source_check import check_finite
+
+        check_finite(loaded.root.state_dict().items(), str(loaded.path))  # (blocks are checked as they come)
+        self.peak_block_bytes = 0
+
+    def enter(self, name: str, module: nn.Module) -> None:
+        from quantkit.source_check import check_finite
+
+        self.loader.materialize([name])
+        check_finite(module.state_dict(prefix=f"{name}.").items(), str(self.loaded.path))
+        release_freed_memory()  # the conversion's temporaries
+        nbytes = sum(t.numel() * t.element_size() for t in module.state_dict().values())
+        self.peak_block_bytes = max(self.peak_block_bytes, nbytes)
+
+    def leave(self, name: str, module: nn.Module) -> None:
+        self.writer.add(module.state_dict(prefix=f"{name}."))
+        self.loader.release(name)
+        for m in module.modules():  # dense dequantized copies quantized layers keep for the CPU path (nn.py)
+            m.__dict__.pop("_dequant_cache", None)
+        release_freed_memory()
+
+    @contextlib.contextmanager
+    def whole_model(self) -> Iterator[None]:
+        """Every block materialized (a pipeline's calibration sampling runs the whole denoiser)."""
+        log.warning("calibration sampling runs the whole denoiser: all its blocks are loaded for it "
+                    "(give --calib FILE to keep memory at one block)")
+        self.loader.materialize(self.block_names)
+        try:
+            yield
+        finally:
+            for n in self.block_names:
+                self.loader.release(n)
+
+    def finish(self, recipe: Any, result: Any) -> Path:
+        """Write the parts outside blocks and quantization.json; rename the folder into place."""
+        from quantkit.io import (QUANT_JSON, _replace_dir, checkpoint_meta, quantization_config, sentinel_tensors,
+                                 write_quantization_config)
+        from quantkit.output_guard import written_files
+
+        root = self.loaded.root
+        rest = {k: v for k, v in root.state_dict().items()
+                if not any(k.startswith(b + ".") for b in self.block_names)}
+        metas = [k for k, v in rest.items() if v.is_meta]
+        if metas:
+            raise QuantkitError(f"tensor {metas[0]} was never materialized (streaming walk incomplete)")
+        if self.kind == "transformers-model":  # zero-byte stand-ins: a plain load without quantkit fails loudly
+            rest.update(sentinel_tensors(root))
+        self.writer.add(rest)
+        files = self.writer.finish()
+        write_quantization_config(self.wdir, quantization_config(result.layers, result.extras.get("attention", {})))
+        meta = checkpoint_meta(self.loaded, recipe, result, files, self.writer.tied)
+        meta["files"] = sorted([*written_files(self.tmp), QUANT_JSON])  # what a later --overwrite may replace
+        (self.tmp / QUANT_JSON).write_text(json.dumps(meta, indent=1))
+        _replace_dir(self.tmp, self.out)
+        return self.out
+
+    def abort(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def quantize_streaming(source: str, recipe: Any, out: str | Path, *, dtype: Any = "auto", overwrite: bool = False,
+                       max_shard_bytes: int = 2 * 1024**3, work_dir: str | Path | None = None,
+                       **kwargs: Any) -> tuple[LoadedModel, Any]:
+    """Quantize `source` block by block from its safetensors into the checkpoint folder `out`.
+
+    kwargs go to pipeline.quantize_model (calib_prompts, calib_text, calib_steps, calls, progress).
+    Returns the (meta-device) loaded model and the QuantizationResult."""
+    from quantkit.pipeline import check_plan, quantize_model
+
+    loaded, loader = load_model_meta(source, dtype)
+    check_plan(loaded, recipe)
+    session = StreamSession(loaded, loader, out, overwrite=overwrite, max_shard_bytes=max_shard_bytes)
+    try:
+        result = quantize_model(loaded, recipe, stream=session, work_dir=work_dir, **kwargs)
+        session.finish(recipe, result)
+    except BaseException:
+        session.abort()
+        raise
+    return loaded, result

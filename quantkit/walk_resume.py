@@ -1,0 +1,171 @@
+"""Resume a killed quantization at block granularity, for every method.
+
+After each block the walk keeps the block's quantized modules in WORK_DIR/walk/: NNNNN.safetensors
+(their tensors) then NNNNN.json (their layer records and the method's records so far), each
+written to a temporary name and renamed, so a kill leaves either a whole block or none. A rerun
+with the same recipe, model and calibration rebuilds finished blocks from there (no method work)
+and carries the calibration calls through them exactly as the first run did, so the checkpoint is
+the same bit for bit. A different run (fingerprint) starts the folder afresh.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from quantkit.adapters.base import CallArgs
+from quantkit.config import ActivationConfig, Recipe
+from quantkit.formats.spec import FormatSpec
+
+log = logging.getLogger(__name__)
+
+
+class BlockStream(Protocol):
+    """Where a block's weights come from and go to (see quantkit.streaming)."""
+
+    def enter(self, name: str, module: nn.Module) -> None:
+        """Materialize `module`'s weights before calibration calls reach it."""
+
+    def leave(self, name: str, module: nn.Module) -> None:
+        """Write `module`'s (now final) tensors and release them."""
+
+
+def _hash(h: Any, v: Any) -> None:
+    if isinstance(v, torch.Tensor):
+        t = v.detach().cpu().contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    elif isinstance(v, dict):
+        for k in sorted(v, key=str):
+            h.update(str(k).encode())
+            _hash(h, v[k])
+    elif isinstance(v, (list, tuple)):
+        for x in v:
+            _hash(h, x)
+    else:
+        h.update(repr(v).encode())
+
+
+def run_fingerprint(recipe: Recipe, loaded: Any, calls: list[CallArgs] | None) -> str:
+    """What makes two runs the same: recipe, model (class, dtype, source files' sizes and times), calibration."""
+    h = hashlib.sha256()
+    h.update(json.dumps(recipe.to_dict(), sort_keys=True, default=str).encode())
+    h.update(f"{loaded.source}|{type(loaded.root).__name__}".encode())
+    for p in loaded.root.parameters():
+        h.update(str(p.dtype).encode())
+        break
+    if loaded.path is not None:
+        for f in sorted(Path(loaded.path).rglob("*")):
+            if f.is_file():
+                st = f.stat()
+                h.update(f"{f.relative_to(loaded.path)}|{st.st_size}|{st.st_mtime_ns}".encode())
+    for c in calls or []:
+        _hash(h, c.args)
+        _hash(h, c.kwargs)
+    return h.hexdigest()
+
+
+def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """Method records of earlier blocks (a) and later ones (b); per-block dicts are joined."""
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = {**out[k], **v} if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _atomic_write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+class WalkStore:
+    """Finished blocks of this run (see the module docstring)."""
+
+    def __init__(self, work_dir: str | Path, recipe: Recipe, loaded: Any, calls: list[CallArgs] | None) -> None:
+        self.dir = Path(work_dir) / "walk"
+        self.root = loaded.root
+        self.earlier: dict[str, Any] = {}  # method records of the blocks resumed so far
+        fp = run_fingerprint(recipe, loaded, calls)
+        run_file = self.dir / "run.json"
+        if run_file.is_file():
+            try:
+                same = json.loads(run_file.read_text()).get("fingerprint") == fp
+            except json.JSONDecodeError:
+                same = False
+            if not same:
+                log.warning("%s holds blocks of a different run (recipe, model or calibration changed); "
+                            "starting afresh", self.dir)
+                shutil.rmtree(self.dir, ignore_errors=True)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        _atomic_write_json(run_file, {"fingerprint": fp})
+
+    def _paths(self, unit: int) -> tuple[Path, Path]:
+        return self.dir / f"{unit:05d}.safetensors", self.dir / f"{unit:05d}.json"
+
+    def save(self, unit: int, bname: str, block: nn.Module, modules: dict[str, nn.Module], tasks: list[Any],
+             extras: dict[str, Any]) -> None:
+        """Keep the quantized block: its whole state (quantized layers, norms, any quantizer a method
+        installed) and the records to rebuild its quantized modules."""
+        from quantkit.layers import layer_record
+
+        by_name = {t.name: t for t in tasks}
+        state = {k: v.detach().contiguous().cpu() for k, v in block.state_dict().items()}
+        records = {n: layer_record(by_name[n], m) for n, m in modules.items()}
+        tens, meta = self._paths(unit)
+        tmp = tens.with_name(tens.name + ".tmp")
+        save_file(_unshare(state), str(tmp))
+        os.replace(tmp, tens)
+        _atomic_write_json(meta, {"block": bname, "layers": records, "extras": _merge(self.earlier, extras)})
+
+    def load(self, unit: int, bname: str, block: nn.Module) -> dict[str, nn.Module] | None:
+        """The block's quantized modules from a finished earlier run, or None."""
+        from quantkit.layers import empty_quantized
+
+        tens, meta_file = self._paths(unit)
+        if not meta_file.is_file() or not tens.is_file():
+            return None
+        meta = json.loads(meta_file.read_text())
+        if meta.get("block") != bname:
+            return None
+        from quantkit.layers import set_submodule
+
+        state = {k: v.clone() for k, v in load_file(str(tens)).items()}
+        out: dict[str, nn.Module] = {}
+        for name, rec in meta["layers"].items():
+            orig = self.root.get_submodule(name)
+            act = ActivationConfig.from_dict(rec["activation"])
+            out[name] = empty_quantized(orig, rec["kind"], FormatSpec.from_dict(rec["weight"]), act, rec).eval()
+            if rec.get("calibration"):  # what layers.layer_record reads back (e.g. EAQuant's token counts)
+                out[name].calibration_info = rec["calibration"]
+            set_submodule(self.root, name, out[name])
+        for name, rec in meta.get("extras", {}).get("attention", {}).items():
+            if name == bname or name.startswith(bname + "."):  # attention quantizers a method installed (DGQ)
+                from quantkit.adapters.diffusers_attention import install_processor
+
+                install_processor(self.root.get_submodule(name), rec)
+        block.load_state_dict(state, strict=True, assign=True)
+        self.earlier = meta.get("extras", {})
+        return out
+
+    def merged_extras(self, extras: dict[str, Any]) -> dict[str, Any]:
+        return _merge(self.earlier, extras)
+
+
+def _unshare(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses tensors sharing memory; resume files store each one separately."""
+    seen: set[tuple[int, int]] = set()
+    out = {}
+    for k, v in state.items():
+        key = (v.untyped_storage().data_ptr(), v.storage_offset())
+        out[k] = v.clone() if key in seen and v.numel() else v
+        seen.add(key)
+    return out
