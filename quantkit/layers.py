@@ -80,6 +80,10 @@ def plan_layers(root: nn.Module, adapter: ModelAdapter, recipe: Recipe) -> list[
             continue
         role = adapter.role(name, module)
         plan = recipe.plan(name, role)
+        why_fp = adapter.keep_full_precision(name)
+        if why_fp is not None and not plan.skip:
+            log.warning("%s stays in full precision although the recipe quantizes it: %s", name, why_fp)
+            plan = dataclasses.replace(plan, skip=True)
         task = LayerTask(name, module, role, plan)
         if task.kind == "experts" and not plan.skip:
             why = supported_experts_layout(module)

@@ -16,6 +16,7 @@ Reusable API (the streaming loader shares it):
 from __future__ import annotations
 
 import json
+import logging
 import re
 import struct
 from dataclasses import dataclass
@@ -256,7 +257,12 @@ def check_source_folder(path: Path) -> None:
         cfg = json.loads((path / "config.json").read_text())
         check_model_folder(path, "diffusers", cfg.get("_class_name"))
     elif kind == "transformers-model":
-        check_model_folder(path, "transformers")
+        qcfg = json.loads((path / "config.json").read_text()).get("quantization_config")
+        if isinstance(qcfg, dict):  # pre-quantized (e.g. gpt-oss in MXFP4): tensor names are its quantizer's;
+            logging.getLogger(__name__).info("%s is pre-quantized (%s): its tensors are checked by "
+                                             "transformers' load report", path, qcfg.get("quant_method"))
+        else:
+            check_model_folder(path, "transformers")
     else:
         try:
             index: dict[str, Any] = json.loads((path / "model_index.json").read_text())

@@ -88,6 +88,11 @@ class ModelAdapter:
     def role(self, name: str, module: nn.Module) -> str:
         raise NotImplementedError
 
+    def keep_full_precision(self, name: str) -> str | None:
+        """Why layer `name` must stay in full precision whatever the recipe says (the model's own code
+        reads its parameters, say), or None."""
+        return None
+
     def synthetic_inputs(self, root: nn.Module, n: int, seed: int) -> list[CallArgs]:
         """Inputs for a bare model with no sampler or tokenizer to drive it."""
         raise NotImplementedError

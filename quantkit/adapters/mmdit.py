@@ -215,6 +215,11 @@ class WanAdapter(DiffusionTransformerAdapter):
     time = (r"condition_embedder\.(time_embedder\..*|time_proj)",)
     modulation = ()
 
+    def keep_full_precision(self, name: str) -> str | None:
+        if name.startswith("condition_embedder.time_embedder."):
+            return "WanTransformer3DModel's forward reads the time embedder's parameter dtype"
+        return None
+
     def synthetic_inputs(self, root: nn.Module, n: int, seed: int) -> list[CallArgs]:
         cfg, g = root.config, torch.Generator().manual_seed(seed)
         pt, ph, pw = cfg.patch_size
