@@ -42,6 +42,8 @@ class QuantizationResult:
     extras: dict[str, Any] = field(default_factory=dict)  # method records for quantization.json (e.g. attention)
     spill: dict[str, Any] = field(default_factory=dict)  # calibration activations kept / sent to disk (--calib-memory)
     block_seconds: dict[str, float] = field(default_factory=dict)  # wall time per walked block (benchmarks)
+    # blocks reused from a killed run (not saved: a resumed checkpoint equals an uninterrupted one)
+    resumed_blocks: list[str] = field(default_factory=list)
 
 
 class _StopForward(Exception):
@@ -190,7 +192,8 @@ def quantize_model(loaded: LoadedModel, recipe: Recipe, *, calib_prompts: str | 
                     store.save(unit_no - 1, bname, block, q, [t for t in by_block.get(bname, []) if not t.plan.skip],
                                method.checkpoint_extras())
             else:
-                log.info("block %s: resumed from %s", bname, work_dir)
+                # a warning, so it shows without -v: this block's result comes from an earlier (killed) run
+                log.warning("block %s: finished by an earlier run, reused from %s", bname, work_dir)
                 method.resumed_blocks.append(bname)
             done.update(q)
             if stream is not None:  # the replaced full-precision layers: the plan still refers to them
@@ -226,12 +229,11 @@ def quantize_model(loaded: LoadedModel, recipe: Recipe, *, calib_prompts: str | 
         extras = store.merged_extras(extras)
     _verify(root, todo, done)
     install_step_clock(root)  # timestep-aware quantizers (DGQ) follow the sampler from now on
-    if method.resumed_blocks:
-        calibration["resumed_blocks"] = len(method.resumed_blocks)
     layers = {t.name: layer_record(t, done[t.name]) for t in todo}
     skipped = {t.name: t.role for t in tasks if t.plan.skip}
     return QuantizationResult(layers, skipped, calibration, time.time() - t0, [n for n, _ in units], extras,
-                              calibration_spill, block_seconds)
+                              calibration_spill, block_seconds,
+                              list(method.resumed_blocks))
 
 
 def _quantize_unit(method: Any, bname: str, block: nn.Module, by_block: dict[str, list[LayerTask]],

@@ -34,7 +34,8 @@ def load_pipeline_with(folder: Path, component: str, module: nn.Module, **kw: An
                 parts[name] = None
                 continue
             owner = getattr(importlib.import_module(library), class_name)
-            parts[name] = owner.from_pretrained(folder / name, local_files_only=True, **kw)
+            parts[name] = owner.from_pretrained(folder / name, local_files_only=True,
+                                                  **(kw if issubclass(owner, nn.Module) else {}))  # not schedulers
         elif name in optional or name in expected:
             parts[name] = value  # plain config values (e.g. boundary_ratio)
     return cls(**parts)

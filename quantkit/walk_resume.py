@@ -124,7 +124,11 @@ class WalkStore:
         tmp = tens.with_name(tens.name + ".tmp")
         save_file(_unshare(state), str(tmp))
         os.replace(tmp, tens)
-        _atomic_write_json(meta, {"block": bname, "layers": records, "extras": _merge(self.earlier, extras)})
+        from quantkit.io import _dedupe
+
+        tied = _dedupe(block.state_dict())[1]  # tensors shared in memory (e.g. q/k/v's one rotation), re-tied on load
+        _atomic_write_json(meta, {"block": bname, "layers": records, "extras": _merge(self.earlier, extras),
+                                  "tied": tied})
 
     def load(self, unit: int, bname: str, block: nn.Module) -> dict[str, nn.Module] | None:
         """The block's quantized modules from a finished earlier run, or None."""
@@ -153,11 +157,25 @@ class WalkStore:
 
                 install_processor(self.root.get_submodule(name), rec)
         block.load_state_dict(state, strict=True, assign=True)
+        for alias, src in meta.get("tied", {}).items():
+            _tie(block, alias, src)
         self.earlier = meta.get("extras", {})
         return out
 
     def merged_extras(self, extras: dict[str, Any]) -> dict[str, Any]:
         return _merge(self.earlier, extras)
+
+
+def _tie(block: nn.Module, alias: str, src: str) -> None:
+    """Make tensor `alias` of the block the very tensor `src` again, as it was in the run that saved it."""
+    a_mod, _, a_leaf = alias.rpartition(".")
+    s_mod, _, s_leaf = src.rpartition(".")
+    owner = block.get_submodule(a_mod) if a_mod else block
+    tensor = getattr(block.get_submodule(s_mod) if s_mod else block, s_leaf)
+    if a_leaf in owner._parameters:
+        owner._parameters[a_leaf] = tensor
+    else:
+        owner._buffers[a_leaf] = tensor
 
 
 def _unshare(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -62,6 +62,7 @@ def same_bits(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> list[st
 def comparable(meta: dict) -> dict:
     meta = dict(meta)
     meta.pop("seconds")
+    meta.pop("files", None)  # the file list differs with the shard size
     meta["weights"] = {"tied": meta["weights"]["tied"]}
     return meta
 
@@ -88,7 +89,7 @@ def test_streaming_equals_whole_model_load(which, recipe, olmoe, unet, tmp_path)
     a, ma = tensors(tmp_path / "whole")
     b, mb = tensors(tmp_path / "streamed")
     assert len(mb["weights"]["files"]) > 1  # sharded output with an index
-    assert (tmp_path / "streamed" / "quantized.safetensors.index.json").is_file()
+    assert list((tmp_path / "streamed").glob("*.safetensors.index.json"))  # named as the library names it
     assert a and not same_bits(a, b)
     assert comparable(ma) == comparable(mb)
     if which == "olmoe":  # per-expert hub tensors arrived fused and quantized as 3-D experts

@@ -146,6 +146,11 @@ class DuQuant(Method):
             log.warning("%s: balance more_data has no extra calibration samples (a --calib file was given?); "
                         "experts under target use their natural tokens only", ctx.name)
             return {}
+        if any(p.is_meta for p in ctx.root.parameters()):
+            # Layer streaming: the earlier blocks are no longer in memory to carry extra samples here.
+            log.warning("%s: balance more_data needs the whole model in memory (not with --stream); experts under "
+                        "target use their natural tokens only (balance: force works when streaming)", ctx.name)
+            return {}
 
         def under(t, idx_parts) -> bool:
             n_exp = t.module.gate_up_proj.shape[0]

@@ -71,7 +71,6 @@ def test_unet_kill_and_resume_skips_every_finished_block(tmp_path, monkeypatch, 
     assert not set(done) & set(finished) and len(done) == 14 - len(finished)
     assert f"({len(finished)} blocks reused from a killed run)" in " ".join(res.output.split())  # rich wraps
     assert not progress.exists()
-    assert json.loads((out / "quantization.json").read_text())["calibration"]["resumed_blocks"] == len(finished)
 
     fresh = tmp_path / "fresh"
     assert cli("quantize", "zoo:tiny-unet", "--recipe", r, "--out", fresh, "--no-resume").exit_code == 0
