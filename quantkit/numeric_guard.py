@@ -9,17 +9,7 @@ import torch
 from torch import nn
 
 from quantkit.errors import QuantkitError
-
-
-def _tensors(v: Any):
-    if isinstance(v, torch.Tensor):
-        yield v
-    elif isinstance(v, dict):
-        for x in v.values():
-            yield from _tensors(x)
-    elif isinstance(v, (list, tuple)):
-        for x in v:
-            yield from _tensors(x)
+from quantkit.spill import iter_tensors
 
 
 def _bad(t: torch.Tensor) -> str | None:
@@ -34,7 +24,7 @@ def _bad(t: torch.Tensor) -> str | None:
 def check_inputs_finite(calls: list, where: str) -> None:
     """Calibration inputs of a block (activations) must be finite."""
     for i, c in enumerate(calls or []):
-        for t in _tensors((c.args, c.kwargs)):
+        for t in iter_tensors((c.args, c.kwargs)):
             what = _bad(t)
             if what:
                 raise QuantkitError(f"calibration activations entering {where} contain {what} (calibration call {i}); "

@@ -40,18 +40,19 @@ def parse_bytes(text: str) -> int:
     return n
 
 
-def _tensors(v: Any) -> Iterator[torch.Tensor]:
+def iter_tensors(v: Any) -> Iterator[torch.Tensor]:
+    """Every tensor inside nested calls, dicts, lists, tuples and model outputs."""
     if isinstance(v, torch.Tensor):
         yield v
     elif isinstance(v, dict):
         for x in v.values():
-            yield from _tensors(x)
+            yield from iter_tensors(x)
     elif isinstance(v, (list, tuple)):
         for x in v:
-            yield from _tensors(x)
+            yield from iter_tensors(x)
     elif hasattr(v, "__dataclass_fields__") or hasattr(v, "to_tuple"):  # model outputs
         for x in (v.values() if hasattr(v, "values") else vars(v).values()):
-            yield from _tensors(x)
+            yield from iter_tensors(x)
 
 
 def _bytes_view(storage: torch.UntypedStorage) -> torch.Tensor:
@@ -71,7 +72,7 @@ class SpillManager:
         shutil.rmtree(self.dir, ignore_errors=True)
         self.dir.mkdir(parents=True)
         # The calibration calls' own tensors are read by the walk at any time (e.g. timesteps): never spilled.
-        self.pinned = {t.untyped_storage()._cdata for c in pinned for t in _tensors((c.args, c.kwargs))}
+        self.pinned = {t.untyped_storage()._cdata for c in pinned for t in iter_tensors((c.args, c.kwargs))}
         self.tracked: dict[int, list[weakref.ref]] = {}  # call -> tensors it holds
         self.spilled: dict[int, list[tuple[torch.UntypedStorage, Path, int]]] = {}
         self.resident = 0
@@ -82,7 +83,7 @@ class SpillManager:
     def track(self, k: int, obj: Any) -> None:
         """Tensors call k holds from now on (block inputs and outputs it carries)."""
         refs = self.tracked.setdefault(k, [])
-        for t in _tensors(obj):
+        for t in iter_tensors(obj):
             refs.append(weakref.ref(t))
 
     def _storages(self, k: int) -> list[torch.UntypedStorage]:

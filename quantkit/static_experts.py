@@ -9,8 +9,9 @@ FLOPs, which is why eager mode keeps the gather path.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from quantkit.quantizers.online_rotation import expert_mlp
 
 
 def static_experts_forward(m: nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor,
@@ -26,17 +27,7 @@ def static_experts_forward(m: nn.Module, hidden: torch.Tensor, top_k_index: torc
     out = torch.zeros_like(hidden)
     for e in range(n_experts):
         x = hidden
-        if m.rot_in is not None:
-            x = m.rot_in(x, e)
-        if m.act_in is not None:
-            x = m.act_in(x)
-        gate, up = F.linear(x, w_gu[e], None if m.gate_up_bias is None else m.gate_up_bias[e]).chunk(2, dim=-1)
-        h = m.act_fn(gate) * up
-        if m.rot_mid is not None:
-            h = m.rot_mid(h, e)
-        if m.act_mid is not None:
-            h = m.act_mid(h)
-        y = F.linear(h, w_dn[e], None if m.down_bias is None else m.down_bias[e]) * routing[:, e, None]
+        y = expert_mlp(m, x, e, w_gu, w_dn) * routing[:, e, None]
         # where, not a multiply by 0: an unrouted token's inf/nan must not leak into its output
         out = out + torch.where(chosen[:, e, None], y, torch.zeros_like(y)).to(out.dtype)
     return out

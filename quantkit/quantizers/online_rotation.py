@@ -116,6 +116,22 @@ def attach_empty_rotations(qmodule: nn.Module, rec: dict[str, Any] | None) -> nn
     return qmodule
 
 
+def expert_mlp(m: nn.Module, x: torch.Tensor, e: int, w_gu: torch.Tensor, w_dn: torch.Tensor) -> torch.Tensor:
+    """Expert e of a QuantExperts on tokens x [T, H], with its online rotations and activation quantizers;
+    w_gu [E, 2I, H] and w_dn [E, H, I] are the dequantized weights."""
+    if m.rot_in is not None:
+        x = m.rot_in(x, e)
+    if m.act_in is not None:
+        x = m.act_in(x)
+    gate, up = F.linear(x, w_gu[e], None if m.gate_up_bias is None else m.gate_up_bias[e]).chunk(2, dim=-1)
+    h = m.act_fn(gate) * up
+    if m.rot_mid is not None:
+        h = m.rot_mid(h, e)
+    if m.act_mid is not None:
+        h = m.act_mid(h)
+    return F.linear(h, w_dn[e], None if m.down_bias is None else m.down_bias[e])
+
+
 @torch.no_grad()
 def rotated_experts_forward(m: nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor,
                             top_k_weights: torch.Tensor) -> torch.Tensor:
@@ -129,16 +145,6 @@ def rotated_experts_forward(m: nn.Module, hidden: torch.Tensor, top_k_index: tor
             continue
         token_idx, slot = torch.where(top_k_index == e)
         x = hidden[token_idx]
-        if m.rot_in is not None:
-            x = m.rot_in(x, e)
-        if m.act_in is not None:
-            x = m.act_in(x)
-        gate, up = F.linear(x, w_gu[e], None if m.gate_up_bias is None else m.gate_up_bias[e]).chunk(2, dim=-1)
-        h = m.act_fn(gate) * up
-        if m.rot_mid is not None:
-            h = m.rot_mid(h, e)
-        if m.act_mid is not None:
-            h = m.act_mid(h)
-        y = F.linear(h, w_dn[e], None if m.down_bias is None else m.down_bias[e])
+        y = expert_mlp(m, x, e, w_gu, w_dn)
         out.index_add_(0, token_idx, (y * top_k_weights[token_idx, slot, None]).to(out.dtype))
     return out
