@@ -38,6 +38,8 @@ class LayerTask:
 
     @property
     def kind(self) -> str:
+        if self.role == "router" and is_router_module(self.module):
+            return "router"
         if isinstance(self.module, nn.Linear):
             return "linear"
         if isinstance(self.module, nn.Conv2d):

@@ -20,9 +20,12 @@ from quantkit.quantizers.activation import ActQuantizer
 
 
 def is_router_module(module: nn.Module) -> bool:
-    """A custom (non-Linear) router holding a 2-D `weight` parameter [E, H]."""
+    """A router with its own logic holding a 2-D `weight` parameter [E, H]: a custom module, or an nn.Linear
+    subclass whose forward does more than the matmul (PhiMoE's returns logits, weights and experts)."""
     w = getattr(module, "weight", None)
-    return not isinstance(module, nn.Linear) and isinstance(w, nn.Parameter) and w.dim() == 2
+    if not (isinstance(w, nn.Parameter) and w.dim() == 2):
+        return False
+    return not isinstance(module, nn.Linear) or type(module).forward is not nn.Linear.forward
 
 
 class QuantRouter(_QuantModule):

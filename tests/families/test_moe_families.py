@@ -87,3 +87,23 @@ def test_gpt_oss_native_mxfp4_source(recipe, tmp_path, caplog):
     reloaded = quantkit.load(save_checkpoint(loaded, rec, result, tmp_path / "ckpt"))
     assert torch.allclose(q, _logits(reloaded, ids), rtol=1e-4, atol=1e-4)
     assert _expert_params(reloaded) == 0
+
+
+@pytest.mark.family("phimoe", "eaquant-w4a4", "moe")
+def test_linear_subclass_router_is_quantized_as_a_router(tmp_path):
+    """PhiMoE's router is an nn.Linear subclass whose forward returns (logits, weights, experts): a recipe
+    that quantizes routers must keep that logic (QuantRouter), not replace it by a plain QuantLinear."""
+    from quantkit.quant_router import QuantRouter
+
+    src = tmp_path / "src"
+    build("phimoe").save_pretrained(src)
+    loaded = load_model(str(src))
+    base = Recipe.load("eaquant-w4a4")
+    rec = base.replace(calib_size=2, method_options={**base.method_options, "steps": 8})
+    result = quantize_model(loaded, rec)
+    routers = [n for n, r in result.layers.items() if r["kind"] == "router"]
+    assert routers and all(isinstance(loaded.root.get_submodule(n), QuantRouter) for n in routers)
+    ids = torch.randint(0, 128, (1, 8), generator=torch.Generator().manual_seed(0))
+    q = _logits(loaded.root, ids)
+    reloaded = quantkit.load(save_checkpoint(loaded, rec, result, tmp_path / "ckpt"))
+    assert torch.isfinite(q).all() and torch.allclose(q, _logits(reloaded, ids), rtol=1e-4, atol=1e-4)
