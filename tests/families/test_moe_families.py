@@ -89,7 +89,7 @@ def test_gpt_oss_native_mxfp4_source(recipe, tmp_path, caplog):
     assert _expert_params(reloaded) == 0
 
 
-@pytest.mark.family("phimoe", "eaquant-w4a4", "moe")
+@pytest.mark.family("phimoe", "eaquant", "moe")
 def test_linear_subclass_router_is_quantized_as_a_router(tmp_path):
     """PhiMoE's router is an nn.Linear subclass whose forward returns (logits, weights, experts): a recipe
     that quantizes routers must keep that logic (QuantRouter), not replace it by a plain QuantLinear."""
