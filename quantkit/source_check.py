@@ -153,6 +153,11 @@ def check_finite(named_tensors: Iterable[tuple[str, torch.Tensor]], where: str =
     """Raise naming the first floating tensor holding NaN or Inf (quantizing it would write NaN scales)."""
     for name, t in named_tensors:
         if t.is_floating_point() and not t.is_meta and t.numel():
+            # A sum is one fast vectorized pass (an elementwise isfinite on bf16 is ~40x slower) and is
+            # finite whenever every element is, since NaN and Inf propagate; only a non-finite sum (or an
+            # overflow of the sum in its own dtype, e.g. fp16 past 65504) pays for the exact scan below.
+            if torch.isfinite(t.detach().sum()):
+                continue
             flat = t.detach().reshape(-1)
             for i in range(0, flat.numel(), 1 << 24):  # bounded temporary memory on large tensors
                 chunk = flat[i:i + (1 << 24)]

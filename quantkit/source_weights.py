@@ -188,7 +188,10 @@ class ModuleLoader:
             return
         from transformers.utils import logging as hf_logging
 
-        cfg = LoadStateDictConfig(dtype=self.dtype, weight_mapping=self.mapping, device_map={"": "cpu"})
+        from quantkit.expert_merge import single_copy_mapping
+
+        cfg = LoadStateDictConfig(dtype=self.dtype, weight_mapping=single_copy_mapping(self.mapping),
+                                  device_map={"": "cpu"})
         bars = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()  # one "Loading weights" bar per block would drown the CLI's own
         try:

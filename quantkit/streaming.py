@@ -60,13 +60,18 @@ _ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", 
 
 
 class _Shard:
-    """One safetensors file written as tensors arrive: their bytes go to a side file at once, the header
-    (which must come first) is written when the shard closes, then the bytes are appended to it."""
+    """One safetensors file written as tensors arrive. The header must come first but is known only at the
+    end: with `reserve` bytes kept for it, tensor bytes go straight into the file after that gap and the
+    header is padded into it at close (safetensors allows trailing spaces in the header); without, or when
+    the header outgrows the gap, the bytes go to a side file that is appended after the header at close."""
 
-    def __init__(self, folder: Path, name: str) -> None:
+    def __init__(self, folder: Path, name: str, reserve: int = 0) -> None:
         self.path = folder / name
-        self.data_path = folder / (name + ".data")
+        self.reserve = reserve
+        self.data_path = self.path if reserve else folder / (name + ".data")
         self.data = open(self.data_path, "wb")
+        if reserve:
+            self.data.seek(8 + reserve)
         self.header: dict[str, Any] = {}
         self.size = 0
 
@@ -82,22 +87,33 @@ class _Shard:
         self.size += n
 
     def close(self) -> None:
-        self.data.close()
         head = json.dumps({"__metadata__": {"format": "pt"}, **self.header}, separators=(",", ":")).encode()
         head += b" " * ((-len(head)) % 8)
-        with open(self.path, "wb") as out, open(self.data_path, "rb") as data:
+        if self.reserve and len(head) <= self.reserve:
+            self.data.seek(0)
+            self.data.write(self.reserve.to_bytes(8, "little"))
+            self.data.write(head + b" " * (self.reserve - len(head)))
+            self.data.close()
+            return
+        self.data.close()
+        src = self.data_path
+        if self.reserve:  # the header outgrew its gap: move the bytes behind a header of the right size
+            src = self.path.with_name(self.path.name + ".data")
+            os.replace(self.path, src)
+        with open(self.path, "wb") as out, open(src, "rb") as data:
             out.write(len(head).to_bytes(8, "little"))
             out.write(head)
+            data.seek(8 + self.reserve if self.reserve else 0)
             shutil.copyfileobj(data, out, 16 * 1024 * 1024)
-        self.data_path.unlink()
+        src.unlink()
 
 
 class ShardWriter:
     """Appends tensors to output shards as they come (nothing is held in memory); a new shard starts when
     the next tensor would overflow the current one."""
 
-    def __init__(self, folder: Path, max_shard_bytes: int, stem: str = "model") -> None:
-        self.folder, self.max, self.stem = folder, max_shard_bytes, stem
+    def __init__(self, folder: Path, max_shard_bytes: int, stem: str = "model", reserve_header: int = 0) -> None:
+        self.folder, self.max, self.stem, self.reserve = folder, max_shard_bytes, stem, reserve_header
         self.shards: list[_Shard] = []
         self.tied: dict[str, str] = {}
         self.total = 0
@@ -113,7 +129,7 @@ class ShardWriter:
             if not self.shards or (self.shards[-1].header and self.shards[-1].size + nbytes > self.max):
                 if self.shards:
                     self.shards[-1].close()
-                self.shards.append(_Shard(self.folder, f"part-{len(self.shards):05d}.safetensors"))
+                self.shards.append(_Shard(self.folder, f"part-{len(self.shards):05d}.safetensors", self.reserve))
             self.shards[-1].add(k, v)
             self.total += nbytes
 
@@ -136,6 +152,10 @@ class ShardWriter:
         (self.folder / f"{self.stem}.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": self.total},
                                                           "weight_map": weight_map}, indent=1))
         return names
+
+
+_HEADER_RESERVE = 1 << 20
+_RESERVE_FROM_BYTES = 256 * 1024**2
 
 
 def release_freed_memory() -> None:
@@ -170,7 +190,11 @@ class StreamSession:
         from quantkit.io import WEIGHT_STEMS
 
         self.kind = folder_kind(loaded.path) if loaded.path else "model"
-        self.writer = ShardWriter(self.wdir, max_shard_bytes, WEIGHT_STEMS.get(self.kind, "model"))
+        # Real-size sources: keep 1 MiB for each shard's header so tensor bytes are written once, in place
+        # (a few hundred bytes a tensor); small ones are not worth the padding.
+        big = sum(f.stat().st_size for f in set(loader.source.where.values())) >= _RESERVE_FROM_BYTES
+        self.writer = ShardWriter(self.wdir, max_shard_bytes, WEIGHT_STEMS.get(self.kind, "model"),
+                                  reserve_header=_HEADER_RESERVE if big else 0)
         self.loader.materialize([""], exclude=self.block_names)  # embeddings, norms, heads: small, needed throughout
         from quantkit.source_check import check_finite
 

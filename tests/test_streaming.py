@@ -324,3 +324,42 @@ def test_blocks_out_of_execution_order_are_an_error(monkeypatch):
     monkeypatch.setattr(CausalLMAdapter, "blocks", lambda self, root: blocks[::-1])
     with pytest.raises(QuantkitError, match="out of execution order"):
         quantize_model(loaded, Recipe.from_dict({**STATIC_W8A8, "calib_size": 1}))
+
+
+@pytest.mark.parametrize("reserve", [0, 4096, 16])  # none; header fits its gap; header outgrows it (moved)
+def test_shard_writer_files_load_as_written(reserve, tmp_path):
+    from quantkit.streaming import ShardWriter
+
+    g = torch.Generator().manual_seed(0)
+    blocks = [{f"b{i}.w": torch.randn(3, 5, generator=g).to(torch.bfloat16),
+               f"b{i}.codes": torch.randint(0, 255, (7,), dtype=torch.uint8, generator=g)} for i in range(3)]
+    writer = ShardWriter(tmp_path, max_shard_bytes=60, reserve_header=reserve)
+    for b in blocks:
+        writer.add(b)
+    files = writer.finish()
+    assert len(files) > 1 and not list(tmp_path.glob("*.data"))
+    got = {}
+    for f in files:
+        got.update(load_file(tmp_path / f))
+    want = {k: v for b in blocks for k, v in b.items()}
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_per_expert_tensors_fuse_in_one_copy_with_the_libraries_values(olmoe, monkeypatch):
+    """The single-copy merge of hub per-expert tensors is used, and gives exactly what transformers' own
+    stack-then-concatenate load gives."""
+    from transformers import OlmoeForCausalLM
+
+    from quantkit import expert_merge
+    from quantkit.streaming import load_model_meta
+
+    calls = []
+    real = expert_merge.MergeConcatInPlace.convert
+    monkeypatch.setattr(expert_merge.MergeConcatInPlace, "convert",
+                        lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    loaded, loader = load_model_meta(str(olmoe))
+    loader.materialize([""])
+    assert calls  # gate_up_proj of every layer went through the fused op
+    want = OlmoeForCausalLM.from_pretrained(olmoe, dtype=torch.bfloat16).state_dict()
+    got = loaded.root.state_dict()
+    assert same_bits(got, want) == []

@@ -1,0 +1,70 @@
+"""One copy instead of two when per-expert hub tensors become fused 3-D experts.
+
+transformers 5 loads e.g. `experts.{e}.gate_proj.weight` and `experts.{e}.up_proj.weight` into one
+`experts.gate_up_proj` [E, 2I, H] by stacking each list (a copy) and concatenating the stacks (a
+second copy, with both stacks alive meanwhile). At real size that is a third of a block's load time
+and ~2x its weights in transient memory. `single_copy_mapping` swaps that two-step chain for one op
+that writes every expert's slice straight into the final tensor: the same values, one copy.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+try:
+    from transformers.core_model_loading import Concatenate, ConversionOps, MergeModulelist, WeightConverter
+except ImportError:  # transformers missing or older than 5: nothing to swap
+    ConversionOps = object  # type: ignore[assignment,misc]
+    WeightConverter = None  # type: ignore[assignment,misc]
+
+
+class MergeConcatInPlace(ConversionOps):  # type: ignore[misc,valid-type]
+    """MergeModulelist(dim=0) then Concatenate(dim), as one preallocated copy."""
+
+    def __init__(self, dim: int, chain: list[Any]) -> None:
+        self.dim = dim
+        self.chain = chain  # the ops it replaces, for the reverse (saving) direction
+
+    @torch.no_grad()
+    def convert(self, input_dict: dict[str, Any], source_patterns: list[str], target_patterns: list[str],
+                **kwargs: Any) -> dict[str, torch.Tensor]:
+        # Source patterns in their order (gate before up); each holds one 2-D tensor per expert, in order.
+        lists = [input_dict.pop(p) for p in source_patterns if p in input_dict]
+        first = lists[0][0]
+        widths = [t[0].shape[self.dim - 1] for t in lists]
+        shape = list(first.shape)
+        shape[self.dim - 1] = sum(widths)
+        out = torch.empty(len(lists[0]), *shape, dtype=first.dtype, device=first.device)  # [E, sum(widths), ...]
+        start = 0
+        for tensors, width in zip(lists, widths):
+            part = out.narrow(self.dim, start, width)
+            for e, t in enumerate(tensors):
+                part[e].copy_(t)
+            start += width
+        del lists
+        return {target_patterns[0]: out}
+
+    @property
+    def reverse_op(self) -> ConversionOps:  # type: ignore[valid-type]
+        raise NotImplementedError("saving uses the model's own mapping")
+
+
+def _is_stack_then_concat(ops: list[Any]) -> bool:
+    return (len(ops) == 2 and type(ops[0]) is MergeModulelist and ops[0].dim == 0
+            and type(ops[1]) is Concatenate and ops[1].dim >= 1)
+
+
+def single_copy_mapping(mapping: list[Any]) -> list[Any]:
+    """`mapping` (transformers' weight conversions of a model) with stack-then-concatenate chains fused."""
+    if WeightConverter is None:
+        return mapping
+    out = []
+    for m in mapping:
+        if isinstance(m, WeightConverter) and _is_stack_then_concat(m.operations) and len(m.target_patterns) == 1:
+            fused = m.copy(m._original_source_patterns, m._original_target_patterns,
+                           operations=[MergeConcatInPlace(m.operations[1].dim, m.operations)])
+            out.append(fused)
+        else:
+            out.append(m)
+    return out
