@@ -42,23 +42,27 @@ def qexperts_reference(
     """Routed SwiGLU-style experts: sum_k w_k * down_e(act(gate_e(x)) * up_e(x))."""
     out = torch.zeros_like(hidden)
     n_experts = gate_up.shape[0]
-    # Dequantize all experts once (the weights' own cache makes repeated calls free).
-    w_gu = gate_up.dequantize(hidden.dtype)  # [E, 2I, H]
-    w_dn = down.dequantize(hidden.dtype)  # [E, H, I]
+    # Dequantize all experts once when the weights keep a dense copy (then repeated calls are free);
+    # without one (a streamed calibration walk), only the experts this call reaches, one at a time.
+    whole = gate_up.dense is not None or gate_up.cache is not None
+    w_gu = gate_up.dequantize(hidden.dtype) if whole else None  # [E, 2I, H]
+    w_dn = down.dequantize(hidden.dtype) if whole else None  # [E, H, I]
     hit = torch.unique(top_k_index)
     for e in hit.tolist():
         if not 0 <= e < n_experts:  # transformers marks masked-out slots with index E
             continue
+        wg = w_gu[e] if whole else gate_up.select(e).dequantize(hidden.dtype)  # [2I, H]
+        wd = w_dn[e] if whole else down.select(e).dequantize(hidden.dtype)  # [H, I]
         token_idx, slot = torch.where(top_k_index == e)
         x = hidden[token_idx]
         if act_in is not None:
             x = act_in(x)
-        gu = F.linear(x, w_gu[e], None if gate_up_bias is None else gate_up_bias[e])
+        gu = F.linear(x, wg, None if gate_up_bias is None else gate_up_bias[e])
         gate, up = gu.chunk(2, dim=-1)
         h = act_fn(gate) * up
         if act_mid is not None:
             h = act_mid(h)
-        y = F.linear(h, w_dn[e], None if down_bias is None else down_bias[e])
+        y = F.linear(h, wd, None if down_bias is None else down_bias[e])
         y = y * top_k_weights[token_idx, slot, None]
         out.index_add_(0, token_idx, y.to(out.dtype))
     return out

@@ -20,7 +20,7 @@ from quantkit.errors import QuantkitError
 from quantkit.layers import LayerTask, layer_record, plan_layers, set_submodule
 from quantkit.methods import BlockContext, get_method
 from quantkit.models import LoadedModel
-from quantkit.nn import QuantExperts
+from quantkit.nn import QuantExperts, _QuantModule
 from quantkit.numeric_guard import check_inputs_finite, check_module_finite
 from quantkit.propagate import BlockPropagator
 from quantkit.spill import SpillManager
@@ -196,7 +196,15 @@ def quantize_model(loaded: LoadedModel, recipe: Recipe, *, calib_prompts: str | 
                 log.warning("block %s: finished by an earlier run, reused from %s", bname, work_dir)
                 method.resumed_blocks.append(bname)
             done.update(q)
-            if stream is not None:  # the replaced full-precision layers: the plan still refers to them
+            if stream is not None:
+                # The calls carried through this block must not leave a dense dequantized copy of every
+                # expert beside the codes (a block's weights again, in 16 bits): dequantize per call instead.
+                for qmodule in q.values():
+                    for m in qmodule.modules():
+                        if isinstance(m, _QuantModule):
+                            m.cache_dequantized = False
+                            m.__dict__.pop("_dequant_cache", None)
+                # the replaced full-precision layers: the plan still refers to them
                 for t in by_block.get(bname, []):
                     if not t.plan.skip:
                         t.module.to("meta")
