@@ -150,6 +150,19 @@ def quantize(
             if rec.method != "dgq":
                 raise QuantkitError(f"--weight-recon is an option of method dgq, not {rec.method!r}")
             rec = rec.replace(method_options={**rec.method_options, "weight_recon": weight_recon})
+        from quantkit import distributed
+
+        env = distributed.detect()  # under torchrun (RANK / WORLD_SIZE set)
+        if env is not None:
+            from quantkit.cli_ranks import quantize_ranks
+
+            distributed.init(env, device)
+            try:
+                quantize_ranks(env, model, out, rec, calib, calib_prompts, calib_text, calib_steps, resume, device,
+                               overwrite, max_shard_mb, say, json_path, dtype, stream, calib_memory)
+            finally:
+                distributed.finish()
+            return
         with output_lock(out):
             from quantkit.cli_quantize import quantize_locked
 

@@ -93,14 +93,16 @@ def check_plan(loaded: LoadedModel, recipe: Recipe) -> list[LayerTask]:
 def quantize_model(loaded: LoadedModel, recipe: Recipe, *, calib_prompts: str | None = None,
                    calib_text: str | None = None, calib_steps: int | None = None, calls: list[CallArgs] | None = None,
                    progress: Progress | None = None, work_dir: str | Path | None = None,
-                   stream: BlockStream | None = None, calib_memory: int | None = None) -> QuantizationResult:
+                   stream: BlockStream | None = None, calib_memory: int | None = None,
+                   owns: Callable[[int], bool] | None = None) -> QuantizationResult:
     """Quantize `loaded.root` in place by `recipe`; returns what was done.
 
     Calibration calls run once through the model, block by block (see quantkit.propagate). With
     `stream`, blocks are materialized just before the calls reach them and handed back (written and
     released) once every call has passed them. With `work_dir`, each finished block is kept there and
     a rerun picks it up (see quantkit.walk_resume). With `calib_memory` (bytes), calibration activations
-    above it wait on disk (see quantkit.spill)."""
+    above it wait on disk (see quantkit.spill). With `owns` (a rank's share, see quantkit.distributed),
+    only the units it accepts are quantized and kept in `work_dir`; the result then lists only those."""
     t0 = time.time()
     root, adapter = loaded.root, loaded.adapter
     method = get_method(recipe.method, recipe)
@@ -155,6 +157,11 @@ def quantize_model(loaded: LoadedModel, recipe: Recipe, *, calib_prompts: str | 
     fp_prop = (BlockPropagator(root, hooked, calls, _clock_setter(root, calls), spill, block_names)
                if calls is not None and method.needs_fp_inputs else None)
     walk = [(i, n, b) for i, ((n, b), u) in enumerate(zip(blocks, is_unit)) if u or stream is not None]
+    unit_of = {i: k for k, i in enumerate(i for i, u in enumerate(is_unit) if u)}
+    if owns is not None:
+        if calls is not None or store is None:
+            raise QuantkitError("a rank's share of blocks needs independent blocks (no calibration) and a work_dir")
+        walk = [(i, n, b) for i, n, b in walk if is_unit[i] and owns(unit_of[i])]
     unit_no = 0
     block_seconds: dict[str, float] = {}
     try:
@@ -181,7 +188,7 @@ def quantize_model(loaded: LoadedModel, recipe: Recipe, *, calib_prompts: str | 
                 continue
             if progress:
                 progress(bname, unit_no, len(units))
-            unit_no += 1
+            unit_no = unit_of[i] + 1  # (a rank's share skips the others' units)
             q = store.load(unit_no - 1, bname, block) if store is not None else None
             if q is None:
                 q = _quantize_unit(method, bname, block, by_block, inputs, reached, root, calls, progress, work_dir,
@@ -222,6 +229,9 @@ def quantize_model(loaded: LoadedModel, recipe: Recipe, *, calib_prompts: str | 
                                  "spilled": spill.bytes_spilled}
             log.info("calibration activations: %s", calibration_spill)
             spill.close()
+    if owns is not None:  # a share: its blocks are in work_dir; rank 0's full walk makes the result
+        return QuantizationResult({}, {}, calibration, time.time() - t0, [n for n, _ in units], {}, {},
+                                  block_seconds, list(method.resumed_blocks))
     if outside:
         if progress:
             progress("(outside blocks)", unit_no, len(units))

@@ -159,7 +159,8 @@ class WalkStore:
         block.load_state_dict(state, strict=True, assign=True)
         for alias, src in meta.get("tied", {}).items():
             _tie(block, alias, src)
-        self.earlier = meta.get("extras", {})
+        # merged, not replaced: under torchrun neighbouring units come from different ranks (quantkit.distributed)
+        self.earlier = _merge(self.earlier, meta.get("extras", {}))
         return out
 
     def merged_extras(self, extras: dict[str, Any]) -> dict[str, Any]:

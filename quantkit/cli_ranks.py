@@ -1,0 +1,70 @@
+"""`quantkit quantize` under torchrun: every rank quantizes its share of the blocks into the progress
+folder, then rank 0 runs the single-process command, which reuses them and writes the checkpoint
+(see quantkit.distributed for why that is the single-process checkpoint bit for bit)."""
+from __future__ import annotations
+
+import contextlib
+import shutil
+from pathlib import Path
+from typing import Optional
+
+from rich.console import Console
+
+from quantkit.distributed import DistEnv, PrepassStream, barrier, check_supported
+from quantkit.errors import QuantkitError
+
+
+def quantize_ranks(env: DistEnv, model: str, out: Path, rec, calib: Optional[Path], calib_prompts: Optional[Path],
+                   calib_text: Optional[Path], calib_steps: Optional[int], resume: bool, device: str,
+                   overwrite: bool, max_shard_mb: int, say: Console, json_path: Optional[str], dtype: str = "auto",
+                   stream: Optional[bool] = None, calib_memory: Optional[str] = None) -> None:
+    """The quantize command on rank `env.rank` of a torchrun job (flags already checked)."""
+    from quantkit.cli_quantize import quantize_locked
+    from quantkit.flag_check import check_flags
+    from quantkit.methods import get_method
+    from quantkit.models import DTYPES, load_model
+    from quantkit.output_guard import output_lock
+    from quantkit.pipeline import check_plan, quantize_model
+    from quantkit.walk_resume import WalkStore
+
+    if dtype != "auto" and dtype not in DTYPES:
+        raise QuantkitError(f"unknown --dtype {dtype!r}; allowed: auto, bfloat16, float16, float32")
+    if calib is not None or calib_memory is not None:
+        raise QuantkitError(f"--calib / --calib-memory feed calibration, which does not run across ranks yet "
+                            f"(WORLD_SIZE={env.world_size}); run without torchrun")
+    if stream and device != "cpu":
+        raise QuantkitError("--stream materializes blocks on the CPU; use --no-stream with --device cuda")
+    method = get_method(rec.method, rec)
+    work_dir = out.parent / f".{out.name}.progress"
+    with contextlib.ExitStack() as held:
+        if env.is_main:  # one writer of --out: rank 0 holds the lock for the whole job
+            held.enter_context(output_lock(out))
+        loader = None
+        if stream:
+            from quantkit.streaming import load_model_meta
+
+            loaded, loader = load_model_meta(model, dtype)
+        else:
+            loaded = load_model(model, device, dtype)
+        tasks = check_plan(loaded, rec)
+        check_flags(loaded, rec, method, tasks, calib_prompts=calib_prompts, calib_text=calib_text,
+                    calib_file=calib, calib_steps=calib_steps)
+        check_supported(method, [t for t in tasks if not t.plan.skip], None, env)
+        if env.is_main:
+            if not resume:
+                shutil.rmtree(work_dir, ignore_errors=True)
+            WalkStore(work_dir, rec, loaded, None)  # drops a different run's blocks before any rank saves one
+            say.print(f"[bold]{env.world_size} ranks[/]: each quantizes its share of the blocks into {work_dir}, "
+                      "then rank 0 writes the checkpoint", highlight=False)
+        barrier()
+        share = quantize_model(loaded, rec, work_dir=work_dir, owns=env.owns,
+                               stream=PrepassStream(loader) if loader is not None else None)
+        if env.is_main:
+            say.print(f"rank 0: {len(share.block_seconds) - len(share.resumed_blocks)} blocks quantized, "
+                      f"{len(share.resumed_blocks)} reused from a killed run", highlight=False)
+        del loaded, loader
+        barrier()  # every share is in work_dir
+        if env.is_main:
+            quantize_locked(model, out, rec, calib, calib_prompts, calib_text, calib_steps, True, device, overwrite,
+                            max_shard_mb, say, json_path, dtype, stream, calib_memory)
+    barrier()  # the others exit once the checkpoint is in place

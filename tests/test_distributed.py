@@ -1,0 +1,95 @@
+"""quantize under torchrun (2 ranks, gloo): the checkpoint equals the single-process one bit for bit."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import cli, one_line_error
+from test_streaming import comparable, make_unet, same_bits, tensors
+
+HERE = Path(__file__).parent
+
+
+def make_moe8(out: Path) -> Path:
+    """A bf16 OLMoE with 8 experts per block, sharded as the hub does."""
+    from transformers import OlmoeConfig, OlmoeForCausalLM
+
+    torch.manual_seed(0)
+    cfg = OlmoeConfig(vocab_size=256, hidden_size=64, intermediate_size=64, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=4, num_experts=8, num_experts_per_tok=2,
+                      max_position_embeddings=128, tie_word_embeddings=False, eos_token_id=1, pad_token_id=0)
+    OlmoeForCausalLM(cfg).to(torch.bfloat16).save_pretrained(out, max_shard_size="200KB")
+    return out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(*args: str, entry: list[str] | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent), str(HERE), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(_free_port()), *(entry or ["-m", "quantkit.cli"]), "quantize", *map(str, args)]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def moe8(tmp_path_factory) -> Path:
+    return make_moe8(tmp_path_factory.mktemp("src") / "moe8")
+
+
+@pytest.fixture(scope="module")
+def unet(tmp_path_factory) -> Path:
+    return make_unet(tmp_path_factory.mktemp("src") / "unet")
+
+
+def _equal(a_dir: Path, b_dir: Path) -> None:
+    a, ma = tensors(a_dir)
+    b, mb = tensors(b_dir)
+    assert a and not same_bits(a, b)
+    assert comparable(ma) == comparable(mb)
+
+
+@pytest.mark.parametrize("which,flags,share", [("moe8", ["--stream"], 2), ("unet", ["--no-stream"], 7)])
+def test_two_ranks_equal_one_process(which, flags, share, moe8, unet, tmp_path):
+    src = moe8 if which == "moe8" else unet
+    args = [src, "--method", "rtn", "--wbits", "4", "--group-size", "32", *flags]
+    r = cli("quantize", *args, "--out", tmp_path / "one")
+    assert r.exit_code == 0, r.output
+    p = torchrun(*args, "--out", tmp_path / "two")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "2 ranks" in p.stdout and f"rank 0: {share} blocks quantized" in p.stdout  # half the units
+    _equal(tmp_path / "one", tmp_path / "two")
+    assert not list(tmp_path.glob(".two.*"))  # progress folder and lock gone
+
+
+def test_killed_rank_resumes_and_equals(moe8, tmp_path):
+    args = [moe8, "--method", "rtn", "--wbits", "4", "--group-size", "32", "--stream"]
+    assert cli("quantize", *args, "--out", tmp_path / "one").exit_code == 0
+    p = torchrun(*args, "--out", tmp_path / "two", entry=[str(HERE / "dist_kill_entry.py")])
+    assert p.returncode != 0
+    assert not (tmp_path / "two").exists()  # nothing half-written in place
+    kept = sorted(f.name for f in (tmp_path / ".two.progress" / "walk").glob("*.json") if f.name != "run.json")
+    assert "00001.json" in kept and "00003.json" not in kept  # rank 1 finished unit 1, died at unit 3
+    mine = len([k for k in kept if k in ("00000.json", "00002.json")])  # rank 0's, as far as it got
+    p = torchrun(*args, "--out", tmp_path / "two")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert f"rank 0: {2 - mine} blocks quantized, {mine} reused" in p.stdout  # finished blocks are not redone
+    _equal(tmp_path / "one", tmp_path / "two")
+
+
+def test_calibrated_method_is_refused_in_one_line(moe8, tmp_path):
+    p = torchrun(moe8, "--method", "eaquant", "--out", tmp_path / "two")
+    assert p.returncode != 0
+    assert "does not run across ranks yet" in p.stdout + p.stderr
+    assert "Traceback" not in p.stdout
+    assert not (tmp_path / "two").exists()
