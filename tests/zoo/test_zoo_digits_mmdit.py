@@ -71,3 +71,16 @@ def test_quantizes_with_dgq_end_to_end(tmp_path):
     ref = latents(q)
     assert ref.shape == (1, 16, 16) and torch.isfinite(ref).all()
     assert torch.equal(latents(pipe), ref)
+
+
+def test_eval_samples_with_the_profile_pipeline_kwargs(model_dir):
+    from quantkit.errors import QuantkitError
+    from quantkit.eval.diffusion import sample_images
+
+    pipe = FluxPipeline.from_pretrained(model_dir)
+    profile = EvalProfile.read(model_dir)
+    s = sample_images(pipe, 2, 0, 2, profile.prompts, profile.labels, profile.class_prompts, None,
+                      pipeline_kwargs=profile.pipeline_kwargs)
+    assert s.images.shape == (2, 3, 32, 32) and s.labels == [0, 1]
+    with pytest.raises(QuantkitError, match="pipeline_kwargs resolution are not arguments of FluxPipeline"):
+        sample_images(pipe, 1, 0, 1, profile.prompts, [], [], None, pipeline_kwargs={"resolution": 32})
