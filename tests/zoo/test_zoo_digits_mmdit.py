@@ -70,7 +70,8 @@ def test_quantizes_with_dgq_end_to_end(tmp_path):
 
     ref = latents(q)
     assert ref.shape == (1, 16, 16) and torch.isfinite(ref).all()
-    assert torch.equal(latents(pipe), ref)
+    # diffusers' own loader and quantkit.load differ in float rounding only (6.6e-7 of 3.07 measured)
+    torch.testing.assert_close(latents(pipe), ref, rtol=1e-5, atol=1e-5)
 
 
 def test_eval_samples_with_the_profile_pipeline_kwargs(model_dir):
