@@ -23,7 +23,7 @@ def _max_over_median(root, adapter) -> float:
     return max(ratios)
 
 
-@pytest.mark.parametrize("name", ["tiny-mixtral", "tiny-deepseek", "tiny-unet", "tiny-dit", "digits-clip"])
+@pytest.mark.parametrize("name", ["tiny-mixtral", "tiny-deepseek", "tiny-unet", "tiny-dit", "digits-clip", "tiny-flux", "digits-mmdit"])
 def test_outlier_variant_is_function_preserving(name):
     base = load_model(f"zoo:{name}")
     var = load_model(f"zoo:{name}-outliers")

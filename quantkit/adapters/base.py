@@ -98,8 +98,11 @@ class ModelAdapter:
         raise NotImplementedError
 
     def sampling_kwargs(self, pipe: Any) -> dict[str, Any]:
-        """Extra pipeline-call arguments for calibration sampling (e.g. a size cap); none by default."""
-        return {}
+        """Extra pipeline-call arguments for calibration sampling (e.g. a size cap); by default those the
+        model's folder names in quantkit_eval.json's `pipeline_kwargs` (the size it was trained at, say)."""
+        from quantkit.eval.profile import folder_pipeline_kwargs
+
+        return folder_pipeline_kwargs(pipe)
 
     def bottleneck_name(self, root: nn.Module) -> str:
         """The module whose input is the model's bottleneck feature (EDA-DM's TDAC scores it)."""

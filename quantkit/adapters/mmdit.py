@@ -92,8 +92,10 @@ class DiffusionTransformerAdapter(ModelAdapter):
         if tok is not None and default_len is not None and isinstance(default_len.default, int):
             if tok.model_max_length < default_len.default:
                 extra["max_sequence_length"] = int(tok.model_max_length)
+        # The folder's own sampling arguments (quantkit_eval.json) come before the pipeline class's defaults.
+        extra.update(super().sampling_kwargs(pipe))
         vae_scale = getattr(pipe, "vae_scale_factor", None)
-        px = self.default_pixels(pipe)
+        px = extra.get("height") or self.default_pixels(pipe)
         if not px or not vae_scale:
             return extra
         patch = getattr(pipe.transformer.config, "patch_size", 1) or 1
@@ -103,7 +105,7 @@ class DiffusionTransformerAdapter(ModelAdapter):
             return extra
         side = int(math.isqrt(MAX_CALIB_TOKENS)) * vae_scale * patch * self.packing
         logging.getLogger(__name__).warning(
-            "calibrating %s at %dx%d (the pipeline's default %dx%d would give %d image tokens per sample)",
+            "calibrating %s at %dx%d (%dx%d would give %d image tokens per sample)",
             type(pipe.transformer).__name__, side, side, px, px, tokens)
         return {**extra, "height": side, "width": side}
 
@@ -129,6 +131,30 @@ class FluxAdapter(DiffusionTransformerAdapter):
     modulation = (r"norm_out\.linear", r"transformer_blocks\.\d+\.norm1(_context)?\.linear",
                   r"single_transformer_blocks\.\d+\.norm\.linear")
     packing = 2
+
+    def add_outliers(self, root: nn.Module, factor: float, channels: int, seed: int) -> dict:
+        """Channel outliers where FLUX's quantized linears read them: the adaLN-modulated MLP inputs of the
+        double-stream blocks (both streams) and the shared attention/MLP input of the single-stream blocks
+        (the modulation linears stay full precision), and the attention values of both block kinds."""
+        from quantkit.adapters.outliers import joint_value_outliers, modulation_outliers, pick_channels
+
+        idx = pick_channels(root.inner_dim, channels, seed)
+        for block in root.transformer_blocks:
+            # AdaLayerNormZero chunks: shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp.
+            modulation_outliers(block.norm1.linear, 6, 3, 4, [block.ff.net[0].proj.weight], idx, factor)
+            modulation_outliers(block.norm1_context.linear, 6, 3, 4, [block.ff_context.net[0].proj.weight], idx,
+                                factor)
+            a = block.attn
+            joint_value_outliers([a.to_v, a.add_v_proj], [a.to_out[0].weight, a.to_add_out.weight], idx, factor)
+        for block in root.single_transformer_blocks:
+            # AdaLayerNormZeroSingle chunks: shift_msa, scale_msa, gate_msa; attention and MLP read its output.
+            a = block.attn
+            modulation_outliers(block.norm.linear, 3, 0, 1,
+                                [a.to_q.weight, a.to_k.weight, a.to_v.weight, block.proj_mlp.weight], idx, factor)
+            # proj_out reads [attention output (inner_dim), MLP]: idx < inner_dim are attention channels.
+            joint_value_outliers([a.to_v], [block.proj_out.weight], idx, factor)
+        return {"kind": "adaln-modulation+attention-value", "factor": factor, "channels_per_layer": channels,
+                "double_blocks": len(root.transformer_blocks), "single_blocks": len(root.single_transformer_blocks)}
 
     def synthetic_inputs(self, root: nn.Module, n: int, seed: int) -> list[CallArgs]:
         cfg, g = root.config, torch.Generator().manual_seed(seed)

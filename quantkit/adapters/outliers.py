@@ -103,3 +103,31 @@ def down_proj_input_outliers(root: nn.Module, factor: float, channels: int, seed
             scale_input_columns(m.down_proj.weight, idx, factor)
             dense += 1
     return {"fused_experts": fused, "dense_mlps": dense}
+
+
+@torch.no_grad()
+def modulation_outliers(linear: nn.Linear, chunks: int, shift: int, scale: int, consumers: list[torch.Tensor],
+                        channels: torch.Tensor, factor: float) -> None:
+    """adaLN outliers: the modulated norm output `norm(x) * (1 + scale) + shift` times `factor` on `channels`.
+    `linear` emits `chunks` equal chunks; chunk `shift` and chunk `scale` are rescaled so that
+    1 + scale' = factor * (1 + scale) and shift' = factor * shift; the consumers' input columns divide it out."""
+    dim = linear.out_features // chunks
+    shift_rows, scale_rows_ = shift * dim + channels, scale * dim + channels
+    scale_rows(linear, shift_rows, factor)
+    scale_rows(linear, scale_rows_, factor)
+    if linear.bias is None:
+        raise ValueError("modulation outliers need a bias on the adaLN linear (for the 1 + scale term)")
+    linear.bias[scale_rows_] += factor - 1
+    for w in consumers:
+        scale_input_columns(w, channels, factor)
+
+
+@torch.no_grad()
+def joint_value_outliers(value_projs: list[nn.Linear], out_columns: list[torch.Tensor], channels: torch.Tensor,
+                         factor: float) -> None:
+    """Joint (text + image) attention: the same value channels of every stream times `factor` (each output
+    token mixes values of both streams, so all must scale together), the out-projections' columns divided."""
+    for proj in value_projs:
+        scale_rows(proj, channels, factor)
+    for w in out_columns:
+        scale_input_columns(w, channels, factor)

@@ -27,16 +27,23 @@ class SampleSet:
 
 def sample_images(pipe: Any, n: int, seed: int, steps: int, prompts: list[str], labels: list[int],
                   class_prompts: list[str], guidance: float | None, batch: int = 50,
-                  progress: Callable[[int], None] | None = None) -> SampleSet:
-    """n images; batch b uses generator seed + b, so two models get the same noise and prompts."""
+                  progress: Callable[[int], None] | None = None,
+                  pipeline_kwargs: dict[str, Any] | None = None) -> SampleSet:
+    """n images; batch b uses generator seed + b, so two models get the same noise and prompts.
+    `pipeline_kwargs` (the profile's) go to every call; one the pipeline does not take is an error."""
     params = inspect.signature(pipe.__call__).parameters
+    unknown = sorted(set(pipeline_kwargs or {}) - set(params))
+    if unknown:
+        raise QuantkitError(f"pipeline_kwargs {', '.join(unknown)} are not arguments of {type(pipe).__name__}; "
+                            f"allowed: {', '.join(p for p in params if p not in ('self', 'kwargs'))}")
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
     out, used_prompts, used_labels = [], [], []
     for b, start in enumerate(range(0, n, batch)):
         size = min(batch, n - start)
         idx = list(range(start, start + size))
-        kwargs: dict[str, Any] = {"num_inference_steps": steps, "generator": torch.Generator().manual_seed(seed + b)}
+        kwargs: dict[str, Any] = {"num_inference_steps": steps, "generator": torch.Generator().manual_seed(seed + b),
+                                  **(pipeline_kwargs or {})}
         if "output_type" in params:
             kwargs["output_type"] = "pt" if "prompt" in params else "np"
         if guidance is not None and "guidance_scale" in params:

@@ -2,7 +2,11 @@
 flags for it. Any folder may have one; the zoo's digit models do.
 
 {"clip_model": "zoo:digits-clip" | "path", "real_images": "sklearn-digits" | "path",
- "prompts": [...], "labels": [...], "class_prompts": [...], "steps": 20, "guidance_scale": 4.0}
+ "prompts": [...], "labels": [...], "class_prompts": [...], "steps": 20, "guidance_scale": 4.0,
+ "pipeline_kwargs": {"height": 32, "width": 32}}
+
+`pipeline_kwargs` are call arguments the model must be sampled with (the size it was trained at, say, where
+the pipeline class hard-codes another default): evaluation passes them, and so does calibration sampling.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ class EvalProfile:
     class_prompts: list[str] = field(default_factory=list)  # one text per class, for IS and accuracy
     steps: int = 20
     guidance_scale: float | None = None
+    pipeline_kwargs: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def read(cls, folder: Path | None) -> "EvalProfile":
@@ -36,3 +41,11 @@ class EvalProfile:
             raise QuantkitError(f"{folder / PROFILE_FILE} is not valid JSON: {e}") from None
         known = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def folder_pipeline_kwargs(pipe: Any) -> dict[str, Any]:
+    """The `pipeline_kwargs` of the folder a diffusers pipeline was loaded from ({} when it has none)."""
+    src = getattr(pipe, "name_or_path", None)
+    if not isinstance(src, (str, Path)) or not Path(src).is_dir():
+        return {}
+    return dict(EvalProfile.read(Path(src)).pipeline_kwargs)

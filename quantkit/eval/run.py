@@ -127,7 +127,7 @@ def _eval_diffusion(pipe: Any, ref: Any, profile: EvalProfile, opts: EvalOptions
                 progress(what, done[0], opts.n)
 
         return sample_images(p, opts.n, opts.seed, steps, prompts, labels, profile.class_prompts, guidance,
-                             opts.batch, tick)
+                             opts.batch, tick, profile.pipeline_kwargs)
 
     samples = run(pipe, "sampling")
     reference = run(ref, "sampling full precision") if ref is not None and "fid_fp" in metrics else None

@@ -73,6 +73,16 @@ _ENTRIES = (
         depends_on=("digits-t2i", "digits-clip"),
     ),
     ZooEntry(
+        name="digits-mmdit",
+        kind="diffusion-pipeline",
+        description="FLUX in miniature: FluxPipeline with a FluxTransformer2DModel (2 double- then 4 "
+        "single-stream blocks, rotary positions) trained by flow matching on digits-t2i's VAE latents, "
+        "digits-clip's text tower in both encoder slots, FlowMatchEulerDiscreteScheduler, no guidance",
+        trainer="quantkit.zoo.train_digits_mmdit:train",
+        loader="diffusers.FluxPipeline",
+        depends_on=("digits-t2i", "digits-clip"),
+    ),
+    ZooEntry(
         name="shakespeare-deepseek",
         kind="transformers-lm",
         description="byte-level DeepseekV3ForCausalLM: MLA, 1 shared + 16 routed experts, grouped top-4 "
