@@ -147,8 +147,9 @@ def test_w8a8_int8_decompresses_exactly(tmp_path, family):
     """W8A8 (int-quantized, dynamic per-token int8 inputs, as llm-compressor writes it for vLLM).
     transformers 5.24 cannot load any compressed-tensors MoE checkpoint whose experts are not packed or
     fp8 (its CompressedTensorsDequantize returns nothing for them: "Concatenate on tensors destined for
-    ...experts.gate_up_proj. Ckpt contains: 0"), so every weight is checked with compressed-tensors' own
-    decompressor against quantkit's dequantized codes, bit for bit."""
+    ...experts.gate_up_proj. Ckpt contains: 0"; reproduced on a checkpoint compressed-tensors itself writes,
+    test_ct_transformers_limits.py), so every weight is checked with compressed-tensors' own decompressor
+    against quantkit's dequantized codes, bit for bit."""
     ck = _quantize(tmp_path, family, "--recipe", "rtn-w8a8")
     _export(ck, tmp_path / "ct")
     group = _check_with_ct_decompressor(ck, tmp_path / "ct", "int-quantized")
