@@ -9,12 +9,11 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from quantkit.cli_choices import (DEVICES, JSON_HELP, METHOD_NAMES, ROUNDING_NAMES, WEIGHT_FORMATS, emit_json, one_of,
                                   recipe_names)
+from quantkit.cli_output import console, err_console, print_table, progress_bars
 from quantkit.errors import QuantkitError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -26,8 +25,6 @@ app.add_typer(bench_app, name="bench")
 from quantkit.cli_calib import calib_app  # noqa: E402  (a sub-app; importing it loads no model code)
 app.add_typer(calib_app, name="calib")
 
-console = Console()
-err_console = Console(stderr=True)
 DEFAULT_MODEL = "zoo:digits-t2i"
 
 
@@ -77,9 +74,7 @@ class _HarmlessNotices(logging.Filter):
         return "requires torchvision (not installed)" not in record.getMessage()
 
 
-def _progress() -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=err_console, transient=False)
+_progress = progress_bars  # the name cli_quantize / cli_calib import
 
 
 @app.command()
@@ -191,7 +186,7 @@ def inspect(
             if layer["quantized"] or all_layers:
                 table.add_row(layer["name"], layer["kind"], layer["role"], layer["format"], str(layer["bits"]),
                               f"{layer['params']:,}", f"{layer['bytes']:,}", f"{layer['bits_per_weight']:.3f}")
-        console.print(table)
+        print_table(table)
         t = report["totals"]
         console.print(f"params quantized {t['params_quantized']:,} / {t['params_total']:,} "
                       f"({100 * t['fraction_quantized']:.1f}%), {t['bits_per_weight_quantized']:.3f} bits per "
@@ -273,7 +268,7 @@ def activations(
             table.add_column(col, justify="left" if col in ("layer", "role") else "right")
         for r in sorted(rows, key=lambda r: -r["max_over_median"])[:top]:
             table.add_row(r["layer"], r["role"], f"{r['max']:.3g}", f"{r['max_over_median']:.1f}", f"{r['kurtosis']:.1f}")
-        console.print(table)
+        print_table(table)
         med = sorted(r["max_over_median"] for r in rows)[len(rows) // 2]
         console.print(f"{len(rows)} layers; median of max/median-channel ratios {med:.1f}, "
                       f"largest {max(r['max_over_median'] for r in rows):.1f}, "
@@ -344,7 +339,7 @@ def _render_eval(rows: list[dict]) -> None:
     for r in rows:
         table.add_row(r["model"], f"{r['bits_per_weight']:.3f}",
                       *[f"{r['metrics'][k]:.4f}" if k in r["metrics"] else "-" for k in names])
-    console.print(table)
+    print_table(table)
     for r in rows:
         starved = r.get("details", {}).get("experts_without_tokens")
         if starved:
@@ -361,7 +356,7 @@ def zoo_list() -> None:
     table.add_column("description")
     for name, desc in zoo_names().items():
         table.add_row(f"zoo:{name}", desc)
-    console.print(table)
+    print_table(table)
 
 
 @zoo_app.command("train")

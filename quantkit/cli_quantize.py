@@ -10,6 +10,7 @@ from rich.table import Table
 
 from quantkit.cli import _progress
 from quantkit.cli_choices import emit_json
+from quantkit.cli_output import print_table
 from quantkit.errors import QuantkitError
 
 
@@ -118,4 +119,4 @@ def print_expert_tokens(layers: dict, say: Console) -> None:
         used = [f"{a}" if a == b else f"{a}->{b}" for a, b in zip(c["expert_tokens"], c["expert_tokens_used"])]
         table.add_row(name, str(c["token_target"]), " ".join(used), str(c["under_target"] or "-"),
                       str(c["layer_input_fallback"] or "-"))
-    say.print(table)
+    print_table(table, say)

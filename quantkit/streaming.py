@@ -38,6 +38,7 @@ def load_model_meta(source: str, dtype: Any = "auto") -> tuple[LoadedModel, Modu
     check_source_folder(path)  # names, shapes and dtypes against the config, from the headers alone
     component = denoiser_component(path) if kind == "pipeline" else None
     folder = path / component if component else path
+    _refuse_prequantized(folder)
     dtype = resolve_dtype(dtype, folder)
     weights = SourceWeights(folder)
     root = _empty_root(folder, "diffusers-model" if kind == "pipeline" else kind, dtype)
@@ -52,6 +53,16 @@ def load_model_meta(source: str, dtype: Any = "auto") -> tuple[LoadedModel, Modu
         tokenizer = load_tokenizer(path)
     loaded = LoadedModel(obj, source, path, component, adapter_for(root), tokenizer)
     return loaded, ModuleLoader(root, weights, dtype)
+
+
+def _refuse_prequantized(folder: Path) -> None:
+    """Streaming reads source tensors as stored; a pre-quantized source (e.g. gpt-oss's MXFP4 experts) holds its
+    quantizer's tensors, which only the library's own loader dequantizes."""
+    cfg = folder / "config.json"
+    qcfg = json.loads(cfg.read_text()).get("quantization_config") if cfg.is_file() else None
+    if isinstance(qcfg, dict):
+        raise QuantkitError(f"--stream cannot read the pre-quantized source {folder} (quant_method "
+                            f"{qcfg.get('quant_method')!r}): its tensors are its quantizer's; run without --stream")
 
 
 _ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",

@@ -59,3 +59,44 @@ def test_compile_activation_quantized_layers(tmp_path):
                        (c3, torch.randn(1, c3.conv_args["in_channels"], 8, 8, generator=g)),
                        (c1, torch.randn(1, c1.conv_args["in_channels"], 8, 8, generator=g))):
             torch.testing.assert_close(torch.compile(mod, fullgraph=True)(x), mod(x), rtol=0, atol=1e-5)
+
+
+class _Denoiser(torch.nn.Module):
+    """The smallest denoiser with a timestep-aware DGQ group quantizer (3 calibrated steps)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from quantkit.quantizers.group_act import GroupActQuantizer
+
+        self.q = GroupActQuantizer(6, 2, "last", timestep_aware=True)
+        self.lin = torch.nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        return self.lin(self.q(x))
+
+
+def test_dgq_refuses_fullgraph_with_the_reason_and_compiles_with_graph_breaks():
+    from quantkit.quantizers.step_clock import install_step_clock
+
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(0)
+    d = _Denoiser()
+    d.q.observing = True
+    install_step_clock(d)
+    with torch.no_grad():
+        for t, amp in ((999.0, 10.0), (500.0, 1.0), (1.0, 0.1)):
+            d(amp * torch.randn(1, 8, 8, generator=g), torch.tensor([t]))
+    d.q.finalize()
+    d.q.observing = False
+    install_step_clock(d)
+    x = torch.randn(1, 8, 8, generator=g)
+    with torch.no_grad(), pytest.raises(Exception, match="timestep-aware DGQ quantizers cannot be compiled with "
+                                                         "fullgraph=True.*data-dependent"):
+        torch.compile(d, fullgraph=True, backend="eager")(x, torch.tensor([500.0]))
+    torch._dynamo.reset()
+    compiled = torch.compile(d, backend="eager")
+    with torch.no_grad():
+        outs = {t: compiled(x, torch.tensor([t])) for t in (999.0, 700.0, 10.0)}
+        for t, out in outs.items():  # every step still gets its own calibrated groups and scales
+            assert torch.equal(out, d(x, torch.tensor([t]))), t
+    assert not torch.equal(outs[999.0], outs[10.0])

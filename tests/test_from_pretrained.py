@@ -2,6 +2,7 @@
 save_pretrained round trips that reload to identical outputs."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -101,8 +102,10 @@ def test_without_quantkit_from_pretrained_refuses(tmp_path):
             "    except RuntimeError as e:\n        print('refused', folder)\n")
     # cwd: from the repository root, transformers' probe of the `kernels` package would find ./kernels,
     # which imports quantkit (and so registers it).
+    # Nor from PYTHONPATH (a worktree run puts the repository root there).
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     r = subprocess.run([sys.executable, "-c", code, str(ck), str(tmp_path / "resaved")], capture_output=True,
-                       text=True, timeout=600, cwd=tmp_path)
+                       text=True, timeout=600, cwd=tmp_path, env=env)
     assert r.stdout.count("refused") == 2, r.stdout + r.stderr[-2000:]
     assert "Unknown quantization type, got quantkit" in r.stderr
 

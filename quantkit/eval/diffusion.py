@@ -13,6 +13,7 @@ import torch
 from quantkit.errors import QuantkitError
 from quantkit.eval.clip_features import ClipImageFeatures, ClipZeroShotLogits, TensorFeaturesCLIP, load_clip
 from quantkit.eval.real_images import load_real_images
+from quantkit.progress import track
 
 log = logging.getLogger(__name__)
 DIFFUSION_METRICS = ("fid_real", "fid_fp", "is", "clip_score", "prompt_accuracy")
@@ -87,10 +88,9 @@ def _fid(features: torch.nn.Module | int, a: torch.Tensor, b: torch.Tensor, weig
         fid = FrechetInceptionDistance(feature=features, normalize=isinstance(features, int), **kwargs)
     except ModuleNotFoundError as e:
         raise QuantkitError(f"Inception FID needs the torch-fidelity package ({e}); pip install torch-fidelity") from None
-    for chunk in a.split(200):
-        fid.update(chunk, real=True)
-    for chunk in b.split(200):
-        fid.update(chunk, real=False)
+    chunks = [(c, True) for c in a.split(200)] + [(c, False) for c in b.split(200)]
+    for chunk, real in track(chunks, "FID features"):
+        fid.update(chunk, real=real)
     return float(fid.compute())
 
 
@@ -136,13 +136,13 @@ def diffusion_metrics(samples: SampleSet, reference: SampleSet | None, metrics: 
             log.warning("is skipped: needs --clip-model with class prompts (quantkit_eval.json)")
     if "clip_score" in metrics and clip and any(samples.prompts):
         metric = CLIPScore(model_name_or_path=lambda: (TensorFeaturesCLIP(clip[0]), clip[1]))
-        for i in range(0, len(samples.prompts), 100):
+        for i in track(range(0, len(samples.prompts), 100), "CLIP score"):
             imgs = (samples.images[i:i + 100] * 255).round().to(torch.uint8)
             metric.update(list(imgs), samples.prompts[i:i + 100])
         out["clip_score"] = float(metric.compute())
     if "prompt_accuracy" in metrics and clip and class_prompts and any(lab >= 0 for lab in samples.labels):
         judge = ClipZeroShotLogits(*clip, class_prompts)
-        pred = torch.cat([judge(x).argmax(-1) for x in samples.images.split(200)])
+        pred = torch.cat([judge(x).argmax(-1) for x in track(samples.images.split(200), "prompt accuracy")])
         lab = torch.tensor(samples.labels)
         keep = lab >= 0
         out["prompt_accuracy"] = float((pred[keep] == lab[keep]).float().mean())

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from quantkit.adapters.base import ModelAdapter
+from quantkit.progress import track
 
 LM_METRICS = ("perplexity", "router_topk_agreement", "router_topk_exact", "router_kl")
 
@@ -68,7 +69,7 @@ def router_records(model: nn.Module, adapter: ModelAdapter, wins: list[torch.Ten
             handles.append(module.register_forward_hook(hook))
     device = next(model.parameters()).device
     try:
-        for w in wins:
+        for w in track(wins, "router records"):
             model(input_ids=w.to(device), use_cache=False)
     finally:
         for h in handles:

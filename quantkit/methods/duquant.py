@@ -23,6 +23,7 @@ from quantkit.layers import LayerTask, build_quantized, make_act
 from quantkit.methods.base import BlockContext, Method, register
 from quantkit.methods.expert_balance import BALANCE_MODES, select_expert_tokens, token_target
 from quantkit.nn import QuantExperts, QuantLinear
+from quantkit.progress import track
 from quantkit.quant_router import QuantRouter
 from quantkit.quantizers.clip_search import mse_clip_quantize
 from quantkit.quantizers.gptq import gptq_quantize, hessian
@@ -201,7 +202,7 @@ class DuQuant(Method):
         self._rot_cache: dict[tuple, OnlineRotation | None] = {}
         extra = self._extra_expert_tokens(ctx, tasks, cap) if self.opt["balance"] == "more_data" else {}
         out = {}
-        for t in tasks:
+        for t in track(tasks, f"{ctx.name or 'model'}: layers"):
             x = _Capture.cat(cap.x, t.name)
             if x is None:
                 raise QuantkitError(f"{t.name} received no calibration input; cannot quantize it with {self.name}")
@@ -306,7 +307,7 @@ class DuQuant(Method):
             x = torch.cat([x, extra[0]])  # extra tokens are only ever selected for experts under target
         act_in, act_mid = make_act(t.plan.activation, "experts"), make_act(t.plan.activation, "experts")
         q_gu, q_dn, r_in, r_mid = [], [], [], []
-        for e in range(n_exp):
+        for e in track(range(n_exp), f"{t.name}: experts"):
             xe = x[sel[e]]
             p_in = self.fit(xe)
             xr, wr, rot = self._rotated(xe, gu[e], p_in)

@@ -13,6 +13,7 @@ import torch
 from quantkit.formats import integer, mxfp4
 from quantkit.formats.qweight import WEIGHT_SCALE_DTYPE, QuantizedWeight
 from quantkit.formats.spec import FormatSpec
+from quantkit.progress import track
 
 
 def hessian(x: torch.Tensor) -> torch.Tensor:
@@ -93,7 +94,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: FormatSpec, blocksize:
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     cq = _ColumnQuantizer(w_orig, spec)
     q = torch.zeros_like(w)
-    for i1 in range(0, k, blocksize):
+    for i1 in track(range(0, k, blocksize), "GPTQ column blocks"):
         i2 = min(i1 + blocksize, k)
         w1 = w[:, i1:i2].clone()
         err1 = torch.zeros_like(w1)

@@ -11,6 +11,13 @@ from torch import nn
 from quantkit.errors import QuantkitError
 
 
+# Why fullgraph compilation stops at the clock (torch.compile without fullgraph runs it eagerly, then compiles on).
+COMPILE_REFUSAL = ("quantkit: timestep-aware DGQ quantizers cannot be compiled with fullgraph=True: each denoiser call "
+                   "picks its calibrated step (per-step group axis, group table and scales) in Python from the value of "
+                   "the timestep tensor, a data-dependent choice one graph cannot hold; compile without fullgraph "
+                   "(a graph break per denoiser call) or run eagerly")
+
+
 class StepClock:
     """The timestep of the denoiser call in progress (None outside one)."""
 
@@ -49,6 +56,8 @@ def install_step_clock(root: nn.Module, argument: str = "timestep") -> StepClock
     clock = StepClock()
 
     def hook(_mod: nn.Module, args: tuple, kwargs: dict) -> None:
+        if torch.compiler.is_compiling():
+            torch._dynamo.graph_break(msg=COMPILE_REFUSAL)  # fullgraph=True: an error carrying this message
         clock.t = timestep_value(sig.bind_partial(*args, **kwargs).arguments.get(argument))
 
     root._quantkit_clock_hook = root.register_forward_pre_hook(hook, with_kwargs=True)

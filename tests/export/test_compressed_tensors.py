@@ -43,8 +43,8 @@ def _assert_experts_loaded(ref, hf) -> None:
     for name, m in ref.named_modules():
         if isinstance(m, QuantExperts):
             other = hf.get_submodule(name)
-            assert torch.equal(m.gate_up.dequantize(), other.gate_up_proj.float()), name
-            assert torch.equal(m.down.dequantize(), other.down_proj.float()), name
+            assert torch.equal(m.gate_up.dequantize().float(), other.gate_up_proj.float()), name
+            assert torch.equal(m.down.dequantize().float(), other.down_proj.float()), name
             n += 1
     assert n > 0
 
@@ -70,13 +70,36 @@ def test_weight_only_loads_in_plain_transformers(tmp_path, family, scheme):
     torch.testing.assert_close(_logits(hf), _logits(ref), rtol=0, atol=2e-5)
 
 
+def _assert_dense_linears_loaded(ref, hf) -> None:
+    """Every quantized dense linear of the plain-transformers model holds quantkit's dequantized codes."""
+    from quantkit.nn import QuantLinear
+
+    n = 0
+    for name, m in ref.named_modules():
+        if isinstance(m, QuantLinear):
+            w = m.quantized_weight.dequantize().to(torch.bfloat16)
+            assert torch.equal(hf.get_submodule(name).weight.to(torch.bfloat16), w), name
+            n += 1
+    assert n > 0
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_mxfp4_loads_in_transformers(tmp_path, family):
     ck = _quantize(tmp_path, family, "--recipe", "mxfp4-w4a4", "--abits", "16")
     assert _export(ck, tmp_path / "ct")["format"] == "mxfp4-pack-quantized"
-    # transformers 5.24 + compressed-tensors 0.20 decompress MXFP4 to bfloat16 (decompress_mx_scale), which
-    # breaks an fp32 model's dense linears in the default mode; dequantize=True loads, with the experts in
-    # bf16 (exact: E2M1 x 2^e values fit bf16). Casting them back to fp32 changes no value.
+    # Plain from_pretrained, no dequantize=True: compressed-tensors 0.20 decompresses MXFP4 to bfloat16
+    # (decompress_mx_scale), so the model is loaded in bf16 and compared with quantkit.load in bf16.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = AutoModelForCausalLM.from_pretrained(tmp_path / "ct", dtype=torch.bfloat16)
+    ref = quantkit.load(ck, dtype=torch.bfloat16)
+    got, want = _logits(hf), _logits(ref)  # the first forward decompresses the dense linears
+    _assert_experts_loaded(ref, hf)
+    _assert_dense_linears_loaded(ref, hf)
+    # Same bf16 weights; bf16 matmuls in a different order: a few bf16 ulps of the logits' size.
+    torch.testing.assert_close(got, want, rtol=0, atol=4 * 2 ** -8 * want.abs().max().item())
+    # An fp32 model needs dequantize=True (the dense linears would get bf16 weights); the experts arrive in
+    # bf16 (exact: E2M1 x 2^e values fit bf16), so casting back to fp32 changes no value.
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "ct", quantization_config=CompressedTensorsConfig(dequantize=True))
     hf = hf.float()
     ref = quantkit.load(ck)
@@ -124,8 +147,9 @@ def test_w8a8_int8_decompresses_exactly(tmp_path, family):
     """W8A8 (int-quantized, dynamic per-token int8 inputs, as llm-compressor writes it for vLLM).
     transformers 5.24 cannot load any compressed-tensors MoE checkpoint whose experts are not packed or
     fp8 (its CompressedTensorsDequantize returns nothing for them: "Concatenate on tensors destined for
-    ...experts.gate_up_proj. Ckpt contains: 0"), so every weight is checked with compressed-tensors' own
-    decompressor against quantkit's dequantized codes, bit for bit."""
+    ...experts.gate_up_proj. Ckpt contains: 0"; reproduced on a checkpoint compressed-tensors itself writes,
+    test_ct_transformers_limits.py), so every weight is checked with compressed-tensors' own decompressor
+    against quantkit's dequantized codes, bit for bit."""
     ck = _quantize(tmp_path, family, "--recipe", "rtn-w8a8")
     _export(ck, tmp_path / "ct")
     group = _check_with_ct_decompressor(ck, tmp_path / "ct", "int-quantized")

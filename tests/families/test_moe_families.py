@@ -1,5 +1,7 @@
 """Every transformers MoE family quantkit supports: RTN W8A8 (dynamic activations) and W4A16 g32 quantize
 every expert weight, save, reload with quantkit.load, and give the in-memory quantized model's output."""
+import json
+
 import pytest
 import torch
 
@@ -87,6 +89,30 @@ def test_gpt_oss_native_mxfp4_source(recipe, tmp_path, caplog):
     reloaded = quantkit.load(save_checkpoint(loaded, rec, result, tmp_path / "ckpt"))
     assert torch.allclose(q, _logits(reloaded, ids), rtol=1e-4, atol=1e-4)
     assert _expert_params(reloaded) == 0
+    # The written config carries quantkit's quantization_config only, nothing of the source's mxfp4 block.
+    cfg_text = (tmp_path / "ckpt" / "config.json").read_text()
+    assert json.loads(cfg_text)["quantization_config"]["quant_method"] == "quantkit" and "mxfp4" not in cfg_text
+
+
+def test_gpt_oss_native_mxfp4_source_cli(tmp_path):
+    """Through the CLI: the checkpoint's config holds quantkit's quantization_config only (plain from_pretrained
+    after `import quantkit` reloads it); --stream refuses the pre-quantized source in one line."""
+    from mxfp4_source import write_native_mxfp4
+    from transformers import AutoModelForCausalLM
+
+    from tests.helpers import cli, one_line_error
+
+    write_native_mxfp4(build("gpt_oss"), tmp_path / "src")
+    r = cli("quantize", tmp_path / "src", "--out", tmp_path / "ck", "--recipe", "rtn-w4a16-g128")
+    assert r.exit_code == 0, r.output
+    cfg_text = (tmp_path / "ck" / "config.json").read_text()
+    assert json.loads(cfg_text)["quantization_config"]["quant_method"] == "quantkit" and "mxfp4" not in cfg_text
+    ids = torch.randint(0, 128, (1, 8), generator=torch.Generator().manual_seed(0))
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "ck")
+    assert torch.equal(_logits(plain, ids), _logits(quantkit.load(tmp_path / "ck"), ids))
+    line = one_line_error(cli("quantize", tmp_path / "src", "--out", tmp_path / "ck2", "--recipe", "rtn-w4a16-g128",
+                              "--stream"))
+    assert "pre-quantized" in line and "'mxfp4'" in line and not (tmp_path / "ck2").exists()
 
 
 @pytest.mark.family("phimoe", "eaquant", "moe")
