@@ -51,3 +51,26 @@ def test_down_projection_outlier_variant_is_function_preserving(name):
         return (ch.max() / ch.median()).item()
 
     assert down_input_ratio(var.root) > 5 * down_input_ratio(base.root)
+
+
+def test_massive_token_variant_is_function_preserving():
+    """-massive: every expert widened, a cancelling channel pair in layer 1 whose down-projection inputs are
+    ~100x the usual on the trigger byte "\\n" only; the FP function is unchanged for any input."""
+    base = load_model("zoo:tiny-mixtral")
+    var = load_model("zoo:tiny-mixtral-massive")
+    a, b = forward(base.adapter, base.root), forward(var.adapter, var.root)
+    torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+
+    ids = torch.randint(0, 256, (4, 64), generator=torch.Generator().manual_seed(5))
+    ids[:, ::8] = 10
+    layer = var.root.model.layers[1]
+    got = []
+    h = layer.mlp.register_forward_pre_hook(lambda _m, args: got.append(args[0].reshape(-1, args[0].shape[-1])))
+    with torch.no_grad():
+        var.root(input_ids=ids)
+    h.remove()
+    m = layer.mlp.experts
+    g, u = torch.einsum("th,eih->eti", got[0], m.gate_up_proj).chunk(2, dim=-1)
+    per_token = (m.act_fn(g) * u)[0].abs().amax(-1)  # expert 0's down-projection input, max over channels
+    trig = ids.reshape(-1) == 10
+    assert per_token[trig].median() > 30 * per_token[~trig].median()
