@@ -20,6 +20,8 @@ DOWN_SUFFIX = "-down-outliers"
 # in layer 1 on the byte "\n" (a delimiter, where real LLMs carry massive activations), 100x the usual.
 MASSIVE_SUFFIX = "-massive"
 MASSIVE = {"layer": 1, "trigger_ids": [10], "factor": 100.0}
+# zoo:NAME-pixel-outliers (diffusion UNets): token-wise (pixel) outliers in the GEGLU down-projection inputs.
+PIXEL_SUFFIX = "-pixel-outliers"
 
 
 def _cache() -> Path:
@@ -59,6 +61,6 @@ def outlier_variant_path(base: str, suffix: str = SUFFIX) -> Path:
     if not (out / "outliers.json").exists():
         log.info("building zoo:%s%s into %s", base, suffix, out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        kind = {DOWN_SUFFIX: "down", MASSIVE_SUFFIX: "massive"}.get(suffix, "norm")
+        kind = {DOWN_SUFFIX: "down", MASSIVE_SUFFIX: "massive", PIXEL_SUFFIX: "pixel"}.get(suffix, "norm")
         build_outlier_variant(f"zoo:{base}", out, kind=kind)
     return out
