@@ -22,7 +22,7 @@ from helpers import cli, forward
 FAST = {"steps": 8}
 
 
-def _recipe(name="eaquant-w4a4", **opts):
+def _recipe(name="eaquant-w4a4-fast", **opts):
     r = Recipe.load(name)
     return r.replace(calib_size=2, method_options={**r.method_options, **FAST, **opts})
 
@@ -153,7 +153,7 @@ def test_more_data_balance_end_to_end_reads_further_samples():
 def test_quantize_save_load_exact_with_rotations_and_quantized_router(model, method, tmp_path):
     loaded = load_model(model)
     ref = forward(loaded.adapter, loaded.root)
-    rec = _recipe("duquant-w4a4") if method == "duquant" else _recipe()
+    rec = _recipe("duquant-w4a4-fast") if method == "duquant" else _recipe()
     result = quantize_model(loaded, rec)
     a = forward(loaded.adapter, loaded.root)
     assert torch.isfinite(a).all() and not torch.equal(a, ref)
@@ -178,7 +178,7 @@ def test_rotations_stored_once_in_fp16_and_counted_by_inspect(tmp_path):
     from safetensors import safe_open
 
     loaded = load_model("zoo:tiny-mixtral")
-    rec = _recipe("duquant-w4a4")
+    rec = _recipe("duquant-w4a4-fast")
     result = quantize_model(loaded, rec)
     out = save_checkpoint(loaded, rec, result, tmp_path / "ckpt")
     meta = json.loads((out / "quantization.json").read_text())
@@ -209,7 +209,7 @@ def test_rotations_stored_once_in_fp16_and_counted_by_inspect(tmp_path):
 
 def test_duquantpp_mxfp4_with_gptq_and_log8_reloads(tmp_path):
     loaded = load_model("zoo:tiny-mixtral")
-    base = Recipe.load("duquantpp-mxfp4")
+    base = Recipe.load("duquantpp-mxfp4-fast")
     w = FormatSpec.mxfp4("duquantpp_log8")
     rec = base.replace(calib_size=2, weight=w, method_options={**base.method_options, **FAST, "gptq": True})
     result = quantize_model(loaded, rec)
@@ -240,7 +240,7 @@ def test_starved_expert_is_quantized_on_the_layer_input_never_nan():
 
     loaded = load_model("zoo:tiny-mixtral")
     experts = loaded.root.model.layers[0].mlp.experts
-    rec = _recipe("duquant-w4a4")
+    rec = _recipe("duquant-w4a4-fast")
     plan = LayerPlan(False, rec.weight, rec.activation)
     method = get_method("duquant", rec)
     method.tokens_per_sample = 16
