@@ -8,6 +8,7 @@ import torch
 import quantkit
 from quantkit.adapters import adapter_for
 from quantkit.config import Recipe
+from quantkit.errors import QuantkitError
 from quantkit.formats.spec import FormatSpec
 from quantkit.io import save_checkpoint
 from quantkit.methods.expert_balance import select_expert_tokens
@@ -253,3 +254,21 @@ def test_starved_expert_is_quantized_on_the_layer_input_never_nan():
         assert torch.isfinite(w).all()
     y = q(x, torch.full((32, 1), 3), torch.ones(32, 1))  # route everything to the starved expert
     assert torch.isfinite(y).all() and y.abs().sum() > 0
+
+
+def test_calib_seq_len_sets_the_calibration_sequence_length():
+    """The named recipes carry the papers' sequence length, the -fast ones 128; the option reaches the calls."""
+    from quantkit.methods import get_method
+
+    assert Recipe.load("eaquant-w4a4").method_options["calib_seq_len"] == 4096
+    assert Recipe.load("duquant-w4a4").method_options["calib_seq_len"] == 2048
+    assert Recipe.load("eaquant-w4a4-fast").method_options["calib_seq_len"] == 128
+    loaded = load_model("zoo:tiny-mixtral")
+    for seq in (48, 96):
+        rec = Recipe.load("duquant-w4a4-fast").replace(calib_size=2)
+        rec = rec.replace(method_options={**rec.method_options, "calib_seq_len": seq})
+        calls = get_method(rec.method, rec).build_calibration(loaded, 10, None, None)
+        assert [c.kwargs["input_ids"].shape[-1] for c in calls] == [seq, seq]
+    bad = Recipe.load("duquant-w4a4-fast")
+    with pytest.raises(QuantkitError, match="calib_seq_len"):
+        get_method(bad.method, bad.replace(method_options={**bad.method_options, "calib_seq_len": 1}))
