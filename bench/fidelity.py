@@ -15,11 +15,11 @@ SETTINGS = {
     "RTN W4A8": ["--recipe", "rtn-w4a8"],
     "RTN W4A4 int": ["--recipe", "rtn-w4a8", "--abits", "4"],
     "RTN MXFP4 W4A4": ["--recipe", "mxfp4-w4a4"],
-    "DuQuant W4A4": ["--recipe", "duquant-w4a4"],
-    "EAQuant W4A4": ["--recipe", "eaquant-w4a4"],
-    "EAQuant W3A4": ["--recipe", "eaquant-w3a4"],
-    "DuQuant++ MXFP4": ["--recipe", "duquantpp-mxfp4"],
-    "EAQuant+DuQuant++ MXFP4": ["--recipe", "eaquant-duquantpp-mxfp4"],
+    "DuQuant W4A4": ["--recipe", "duquant-w4a4-fast"],
+    "EAQuant W4A4": ["--recipe", "eaquant-w4a4-fast"],
+    "EAQuant W3A4": ["--recipe", "eaquant-w3a4-fast"],
+    "DuQuant++ MXFP4": ["--recipe", "duquantpp-mxfp4-fast"],
+    "EAQuant+DuQuant++ MXFP4": ["--recipe", "eaquant-duquantpp-mxfp4-fast"],
 }
 # Issue 5 rows: static per-tensor int8 activations everywhere so only calibration and rounding differ.
 RECIPES = Path(__file__).parent / "recipes"
@@ -36,7 +36,7 @@ SETTINGS["uniform+FBR W4A8"] = ["--recipe", str(RECIPES / "uniform-fbr-w4a8.yaml
 # Issue 7 rows beyond the shipped recipes.
 SETTINGS |= {
     "SmoothQuant+RTN W4A4": ["--recipe", str(RECIPES / "smoothquant-rtn-w4a4.yaml")],
-    "DuQuant W3A4": ["--recipe", "duquant-w4a4", "--wbits", "3"],
+    "DuQuant W3A4": ["--recipe", "duquant-w4a4-fast", "--wbits", "3"],
     "DuQuant++ +GPTQ MXFP4": ["--recipe", str(RECIPES / "duquantpp-gptq-mxfp4.yaml")],
 }
 # Issue 16: the data-agnostic rotation baseline (QuaRot-style randomized Hadamard + RTN).

@@ -16,6 +16,12 @@ OUTLIER_SEED = 0
 SUFFIX = "-outliers"
 # zoo:NAME-down-outliers (MoE LMs): the norm-gain outliers plus channel outliers in every down-projection input.
 DOWN_SUFFIX = "-down-outliers"
+# zoo:NAME-massive (Mixtral-layout MoE LMs): the norm-gain outliers plus massive-token down-projection inputs
+# in layer 1 on the byte "\n" (a delimiter, where real LLMs carry massive activations), 100x the usual.
+MASSIVE_SUFFIX = "-massive"
+MASSIVE = {"layer": 1, "trigger_ids": [10], "factor": 100.0}
+# zoo:NAME-pixel-outliers (diffusion UNets): token-wise (pixel) outliers in the GEGLU down-projection inputs.
+PIXEL_SUFFIX = "-pixel-outliers"
 
 
 def _cache() -> Path:
@@ -30,6 +36,8 @@ def build_outlier_variant(source: str, out: Path, factor: float = OUTLIER_FACTOR
     loaded = load_model(source)
     if kind == "norm":
         info = loaded.adapter.add_outliers(loaded.root, factor, channels, seed)
+    elif kind == "massive":
+        info = loaded.adapter.add_outliers(loaded.root, factor, channels, seed, kind=kind, massive=MASSIVE)
     else:
         info = loaded.adapter.add_outliers(loaded.root, factor, channels, seed, kind=kind)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
@@ -48,10 +56,11 @@ def build_outlier_variant(source: str, out: Path, factor: float = OUTLIER_FACTOR
 
 
 def outlier_variant_path(base: str, suffix: str = SUFFIX) -> Path:
-    """Folder of zoo:BASE-outliers (or BASE-down-outliers), built into $QUANTKIT_CACHE/outliers on first use."""
+    """Folder of zoo:BASE-outliers (or -down-outliers, -massive), built into $QUANTKIT_CACHE/outliers on first use."""
     out = _cache() / f"{base}{suffix}"
     if not (out / "outliers.json").exists():
         log.info("building zoo:%s%s into %s", base, suffix, out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        build_outlier_variant(f"zoo:{base}", out, kind="down" if suffix == DOWN_SUFFIX else "norm")
+        kind = {DOWN_SUFFIX: "down", MASSIVE_SUFFIX: "massive", PIXEL_SUFFIX: "pixel"}.get(suffix, "norm")
+        build_outlier_variant(f"zoo:{base}", out, kind=kind)
     return out

@@ -35,7 +35,7 @@ def _latents(pipe, **kw):
     return torch.as_tensor(out)  # DiTPipeline returns numpy
 
 
-@pytest.mark.parametrize("recipe", ["duquantpp-mxfp4", "eaquant-w4a4"])
+@pytest.mark.parametrize("recipe", ["duquantpp-mxfp4-fast", "eaquant-w4a4-fast"])
 def test_moe_lm_with_rotations(tmp_path, recipe):
     """Online rotations (DuQuant++), EAQuant's smoothing + quantized routers (QuantRouter)."""
     from transformers import AutoModelForCausalLM

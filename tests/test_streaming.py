@@ -206,7 +206,7 @@ class _Killed(BaseException):
     pass
 
 
-@pytest.mark.parametrize("recipe", ["rtn-w4a16-g128", "static", "eaquant-w4a4"])
+@pytest.mark.parametrize("recipe", ["rtn-w4a16-g128", "static", "eaquant-w4a4-fast"])
 def test_kill_and_resume_equals_uninterrupted(recipe, olmoe, tmp_path, monkeypatch):
     from quantkit.methods.base import METHODS
 

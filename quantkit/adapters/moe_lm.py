@@ -123,10 +123,13 @@ class CausalLMAdapter(ModelAdapter):
             pairs.append((norm, weights))
         return pairs
 
-    def add_outliers(self, root: nn.Module, factor: float, channels: int, seed: int, kind: str = "norm") -> dict:
+    def add_outliers(self, root: nn.Module, factor: float, channels: int, seed: int, kind: str = "norm",
+                     massive: dict | None = None) -> dict:
         """kind "norm": scale `channels` hidden channels of every decoder norm's gain by `factor`, dividing
         the input columns of the projections, routers and experts that read it. kind "down": that plus
-        channel outliers in every down-projection input (which no norm-folded smoothing can undo)."""
+        channel outliers in every down-projection input (which no norm-folded smoothing can undo). kind
+        "massive": that plus a cancelling massive-token pair in one layer's down-projection input
+        (adapters/massive_tokens.py; `massive` = {layer, trigger_ids, factor})."""
         idx = pick_channels(root.config.hidden_size, channels, seed)
         edited = 0
         for _, layer in self.blocks(root):
@@ -136,6 +139,13 @@ class CausalLMAdapter(ModelAdapter):
         info = {"kind": "norm-gain", "factor": factor, "channels": idx.tolist(), "norms": edited}
         if kind == "down":
             info.update(kind="norm-gain+down-proj-input", down_proj=down_proj_input_outliers(root, factor, channels, seed + 1))
+        if kind == "massive":
+            from quantkit.adapters.massive_tokens import plant_massive_tokens
+
+            opts = massive or {}
+            info.update(kind="norm-gain+massive-token", massive=plant_massive_tokens(
+                root, [lay for _, lay in self.blocks(root)], opts.get("layer", 1), opts.get("trigger_ids", [10]),
+                opts.get("factor", 100.0), seed + 2))
         return info
 
     def synthetic_inputs(self, root: nn.Module, n: int, seed: int) -> list[CallArgs]:

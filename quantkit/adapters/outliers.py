@@ -131,3 +131,40 @@ def joint_value_outliers(value_projs: list[nn.Linear], out_columns: list[torch.T
         scale_rows(proj, channels, factor)
     for w in out_columns:
         scale_input_columns(w, channels, factor)
+
+
+@torch.no_grad()
+def pixel_outliers(root: nn.Module, inputs: list, factor: float, channels: int) -> dict:
+    """Token-wise (pixel) outliers in every GEGLU down-projection input, as DGQ describes for text-to-image
+    UNets: the `channels` linear-half channels whose magnitude is most concentrated on a few pixels
+    (largest max-over-pixels / median-over-pixels on `inputs`) are scaled by `factor`, the next
+    projection's columns divided by it (exact: GEGLU is linear in its linear half). The result is a few
+    pixels far above the rest in those channels; no norm precedes the projection, and EDA-DM and DGQ do not
+    smooth. `inputs` are CallArgs of the model (its adapter's synthetic inputs)."""
+    from diffusers.models.activations import GEGLU
+    from diffusers.models.attention import FeedForward
+
+    ffs = [m for m in root.modules() if isinstance(m, FeedForward) and isinstance(m.net[0], GEGLU)]
+    peaks: dict[int, list[torch.Tensor]] = {id(f): [] for f in ffs}
+
+    def hook(f):
+        def h(_m, args):
+            y = args[0].detach().float().abs()  # [B, L, inner]
+            peaks[id(f)].append(y.amax(1) / y.median(1).values.clamp(min=1e-6))  # [B, inner]
+        return h
+
+    hs = [f.net[-1].register_forward_pre_hook(hook(f)) for f in ffs]
+    try:
+        for inp in inputs:
+            root(*inp.args, **inp.kwargs)
+    finally:
+        for h in hs:
+            h.remove()
+    chosen = []
+    for f in ffs:
+        score = torch.cat(peaks[id(f)]).median(0).values  # typical pixel concentration per channel
+        idx = score.argsort(descending=True)[:channels]
+        scale_rows(f.net[0].proj, idx, factor)  # the first half of proj's output is the linear half
+        scale_input_columns(f.net[-1].weight, idx, factor)
+        chosen.append(idx.tolist())
+    return {"geglu_pixel": len(ffs), "channels": chosen}

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from quantkit.adapters.base import CallArgs, ModelAdapter
-from quantkit.adapters.outliers import attention_value_outliers, geglu_outliers
+from quantkit.adapters.outliers import attention_value_outliers, geglu_outliers, pixel_outliers
 
 
 class UNetAdapter(ModelAdapter):
@@ -69,8 +69,13 @@ class UNetAdapter(ModelAdapter):
             return "mid_block.resnets.1"
         return "up_blocks.0.resnets.0"
 
-    def add_outliers(self, root: nn.Module, factor: float, channels: int, seed: int) -> dict:
-        """Channel outliers in attention out-projections and GEGLU down-projections."""
+    def add_outliers(self, root: nn.Module, factor: float, channels: int, seed: int, kind: str = "norm") -> dict:
+        """Channel outliers in attention out-projections and GEGLU down-projections; kind "pixel": token-wise
+        (pixel) outliers in the GEGLU down-projections instead (adapters/outliers.py pixel_outliers)."""
+        if kind == "pixel":
+            done = {"kind": "geglu-pixel", "factor": factor, "channels_per_layer": channels}
+            done.update(pixel_outliers(root, self.synthetic_inputs(root, 8, seed), factor, channels))
+            return done
         done = {"kind": "attention-value+geglu", "factor": factor, "channels_per_layer": channels}
         done.update(attention_value_outliers(root, factor, channels, seed))
         done.update(geglu_outliers(root, factor, channels, seed))

@@ -39,6 +39,8 @@ DEFAULTS: dict[str, Any] = {
     "shared_rotation": True, "row_index_quirk": False, "rotation_seed": 0, "weight_clip": "mse",
     "gptq": False, "gptq_percdamp": 0.01, "rotate_router": True,
     "balance": "none", "expert_token_ratio": 2.0, "expert_token_target": None, "balance_pool": 4,
+    # Tokens per calibration sequence for LMs (the papers: 2048, EAQuant 4096; the -fast recipes 128).
+    "calib_seq_len": 128,
 }
 
 
@@ -108,6 +110,8 @@ class DuQuant(Method):
         if unknown:
             raise QuantkitError(f"unknown {self.name} option(s) {sorted(unknown)}; allowed: {', '.join(sorted(self.defaults))}")
         self.opt = {**self.defaults, **self.options}
+        if not isinstance(self.opt["calib_seq_len"], int) or self.opt["calib_seq_len"] < 2:
+            raise QuantkitError(f"calib_seq_len must be an integer of at least 2, got {self.opt['calib_seq_len']!r}")
         if self.opt["balance"] not in BALANCE_MODES:
             raise QuantkitError(f"balance must be one of {', '.join(BALANCE_MODES)}, got {self.opt['balance']!r}")
         if self.opt["weight_clip"] not in ("mse", "none"):
@@ -123,13 +127,14 @@ class DuQuant(Method):
         """balance "more_data": also draw balance_pool x calib_size further calibration samples, kept
         aside and used only for experts under their token target (the paper's rule)."""
         self._extra_calls = []
-        if self.opt["balance"] != "more_data":
-            return super().build_calibration(loaded, steps, prompts_file, text_file, progress)
         from quantkit.calib.capture import calibration_calls
 
         n = self.recipe.calib_size
+        seq = int(self.opt["calib_seq_len"])
+        if self.opt["balance"] != "more_data":
+            return calibration_calls(loaded, n, self.recipe.seed, steps, prompts_file, text_file, seq, progress)
         calls = calibration_calls(loaded, n * (1 + int(self.opt["balance_pool"])), self.recipe.seed, steps,
-                                  prompts_file, text_file, progress=progress)
+                                  prompts_file, text_file, seq, progress=progress)
         self._extra_calls = calls[n:]
         return calls[:n]
 

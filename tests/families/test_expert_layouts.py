@@ -79,7 +79,7 @@ def test_weight_view_of_replaced_linear():
 def test_calibrated_method_refuses_non_standard_experts(family):
     model = build(family)
     with pytest.raises(QuantkitError, match="allowed for this layout: rtn with weight-only or dynamic activations"):
-        plan_layers(model, adapter_for(model), Recipe.load("eaquant-w4a4"))
+        plan_layers(model, adapter_for(model), Recipe.load("eaquant-w4a4-fast"))
 
 
 def test_smoothing_folds_only_where_exact():

@@ -60,7 +60,7 @@ def test_generic_family_quantize_reload(family, recipe, tmp_path, caplog):
 
 
 @pytest.mark.parametrize("recipe", [pytest.param(r, marks=pytest.mark.family("opt (generic)", r.rsplit("-w", 1)[0],
-                                                                     "refusal")) for r in ("eaquant-w4a4", "eda-dm-w8a8")])
+                                                                     "refusal")) for r in ("eaquant-w4a4-fast", "eda-dm-w8a8")])
 def test_generic_family_refuses_calibrated_methods(recipe, tmp_path):
     _save("opt", tmp_path / "src")
     msg = one_line_error(cli("quantize", tmp_path / "src", "--out", tmp_path / "o", "--recipe", recipe))

@@ -124,7 +124,7 @@ def test_linear_subclass_router_is_quantized_as_a_router(tmp_path):
     src = tmp_path / "src"
     build("phimoe").save_pretrained(src)
     loaded = load_model(str(src))
-    base = Recipe.load("eaquant-w4a4")
+    base = Recipe.load("eaquant-w4a4-fast")
     rec = base.replace(calib_size=2, method_options={**base.method_options, "steps": 8})
     result = quantize_model(loaded, rec)
     routers = [n for n, r in result.layers.items() if r["kind"] == "router"]

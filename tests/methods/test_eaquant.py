@@ -8,6 +8,7 @@ import torch
 import quantkit
 from quantkit.adapters import adapter_for
 from quantkit.config import Recipe
+from quantkit.errors import QuantkitError
 from quantkit.formats.spec import FormatSpec
 from quantkit.io import save_checkpoint
 from quantkit.methods.expert_balance import select_expert_tokens
@@ -22,7 +23,7 @@ from helpers import cli, forward
 FAST = {"steps": 8}
 
 
-def _recipe(name="eaquant-w4a4", **opts):
+def _recipe(name="eaquant-w4a4-fast", **opts):
     r = Recipe.load(name)
     return r.replace(calib_size=2, method_options={**r.method_options, **FAST, **opts})
 
@@ -153,7 +154,7 @@ def test_more_data_balance_end_to_end_reads_further_samples():
 def test_quantize_save_load_exact_with_rotations_and_quantized_router(model, method, tmp_path):
     loaded = load_model(model)
     ref = forward(loaded.adapter, loaded.root)
-    rec = _recipe("duquant-w4a4") if method == "duquant" else _recipe()
+    rec = _recipe("duquant-w4a4-fast") if method == "duquant" else _recipe()
     result = quantize_model(loaded, rec)
     a = forward(loaded.adapter, loaded.root)
     assert torch.isfinite(a).all() and not torch.equal(a, ref)
@@ -178,7 +179,7 @@ def test_rotations_stored_once_in_fp16_and_counted_by_inspect(tmp_path):
     from safetensors import safe_open
 
     loaded = load_model("zoo:tiny-mixtral")
-    rec = _recipe("duquant-w4a4")
+    rec = _recipe("duquant-w4a4-fast")
     result = quantize_model(loaded, rec)
     out = save_checkpoint(loaded, rec, result, tmp_path / "ckpt")
     meta = json.loads((out / "quantization.json").read_text())
@@ -209,7 +210,7 @@ def test_rotations_stored_once_in_fp16_and_counted_by_inspect(tmp_path):
 
 def test_duquantpp_mxfp4_with_gptq_and_log8_reloads(tmp_path):
     loaded = load_model("zoo:tiny-mixtral")
-    base = Recipe.load("duquantpp-mxfp4")
+    base = Recipe.load("duquantpp-mxfp4-fast")
     w = FormatSpec.mxfp4("duquantpp_log8")
     rec = base.replace(calib_size=2, weight=w, method_options={**base.method_options, **FAST, "gptq": True})
     result = quantize_model(loaded, rec)
@@ -240,7 +241,7 @@ def test_starved_expert_is_quantized_on_the_layer_input_never_nan():
 
     loaded = load_model("zoo:tiny-mixtral")
     experts = loaded.root.model.layers[0].mlp.experts
-    rec = _recipe("duquant-w4a4")
+    rec = _recipe("duquant-w4a4-fast")
     plan = LayerPlan(False, rec.weight, rec.activation)
     method = get_method("duquant", rec)
     method.tokens_per_sample = 16
@@ -253,3 +254,21 @@ def test_starved_expert_is_quantized_on_the_layer_input_never_nan():
         assert torch.isfinite(w).all()
     y = q(x, torch.full((32, 1), 3), torch.ones(32, 1))  # route everything to the starved expert
     assert torch.isfinite(y).all() and y.abs().sum() > 0
+
+
+def test_calib_seq_len_sets_the_calibration_sequence_length():
+    """The named recipes carry the papers' sequence length, the -fast ones 128; the option reaches the calls."""
+    from quantkit.methods import get_method
+
+    assert Recipe.load("eaquant-w4a4").method_options["calib_seq_len"] == 4096
+    assert Recipe.load("duquant-w4a4").method_options["calib_seq_len"] == 2048
+    assert Recipe.load("eaquant-w4a4-fast").method_options["calib_seq_len"] == 128
+    loaded = load_model("zoo:tiny-mixtral")
+    for seq in (48, 96):
+        rec = Recipe.load("duquant-w4a4-fast").replace(calib_size=2)
+        rec = rec.replace(method_options={**rec.method_options, "calib_seq_len": seq})
+        calls = get_method(rec.method, rec).build_calibration(loaded, 10, None, None)
+        assert [c.kwargs["input_ids"].shape[-1] for c in calls] == [seq, seq]
+    bad = Recipe.load("duquant-w4a4-fast")
+    with pytest.raises(QuantkitError, match="calib_seq_len"):
+        get_method(bad.method, bad.replace(method_options={**bad.method_options, "calib_seq_len": 1}))
