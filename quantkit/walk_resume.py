@@ -82,7 +82,7 @@ def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
 
 
 def _atomic_write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # unique: ranks under torchrun write it together
     tmp.write_text(json.dumps(obj, indent=1))
     os.replace(tmp, path)
 

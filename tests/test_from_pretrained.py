@@ -128,10 +128,16 @@ def test_format_version_1_checkpoint_still_loads(tmp_path):
     ck = DATA / "ckpt-v1-mixtral-w4"
     expected = load_file(DATA / "ckpt-v1-mixtral-w4.expected.safetensors")
     m = quantkit.load(ck)
+    stored = load_file(ck / "quantized.safetensors")
+    state = m.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in stored.items())  # every stored tensor loads bit for bit
     with torch.no_grad():
-        assert torch.equal(m(expected["input_ids"]).logits, expected["logits"])
+        logits = m(expected["input_ids"]).logits
+    # The expected logits were recorded on another CPU: its fp32 matmul kernels round differently
+    # (seen: 6e-8 on logits up to 0.65), so the recorded values match to fp32 rounding, not bit for bit.
+    torch.testing.assert_close(logits, expected["logits"], rtol=0, atol=1e-6)
     m.save_pretrained(tmp_path / "v2")
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "v2")
     assert isinstance(again.model.layers[0].mlp.experts, QuantExperts)
     with torch.no_grad():
-        assert torch.equal(again(expected["input_ids"]).logits, expected["logits"])
+        assert torch.equal(again(expected["input_ids"]).logits, logits)  # same machine: bit for bit
