@@ -14,6 +14,27 @@ from quantkit.cli_output import print_table
 from quantkit.errors import QuantkitError
 
 
+def load_and_plan(model: str, rec, method, stream: bool, device: str, dtype: str, calib: Optional[Path],
+                  calib_prompts: Optional[Path], calib_text: Optional[Path], calib_steps: Optional[int]):
+    """The model (on the meta device with its block loader when streamed, else whole; loader None), its layer
+    plan, and the flags checked against both: (loaded, loader, tasks)."""
+    from quantkit.flag_check import check_flags
+    from quantkit.models import load_model
+    from quantkit.pipeline import check_plan
+
+    loader = None
+    if stream:
+        from quantkit.streaming import load_model_meta
+
+        loaded, loader = load_model_meta(model, dtype)
+    else:
+        loaded = load_model(model, device, dtype)
+    tasks = check_plan(loaded, rec)
+    check_flags(loaded, rec, method, tasks, calib_prompts=calib_prompts, calib_text=calib_text, calib_file=calib,
+                calib_steps=calib_steps)
+    return loaded, loader, tasks
+
+
 def quantize_locked(model: str, out: Path, rec, calib: Optional[Path], calib_prompts: Optional[Path],
                      calib_text: Optional[Path], calib_steps: Optional[int], resume: bool, device: str,
                      overwrite: bool, max_shard_mb: int, say: Console, json_path: Optional[str], dtype: str = "auto",
@@ -21,11 +42,11 @@ def quantize_locked(model: str, out: Path, rec, calib: Optional[Path], calib_pro
     """The quantize command once its flags are checked and the output is locked."""
     import shutil
 
-    from quantkit.flag_check import check_calls_fit, check_flags, group_fallback_note
+    from quantkit.flag_check import check_calls_fit, group_fallback_note
     from quantkit.io import save_checkpoint
     from quantkit.methods import get_method
-    from quantkit.models import DTYPES, load_model
-    from quantkit.pipeline import check_plan, quantize_model
+    from quantkit.models import DTYPES
+    from quantkit.pipeline import quantize_model
     from quantkit.spill import parse_bytes
 
     if dtype != "auto" and dtype not in DTYPES:  # a bad --dtype fails before any loading
@@ -53,16 +74,10 @@ def quantize_locked(model: str, out: Path, rec, calib: Optional[Path], calib_pro
         read_prompts(calib_prompts)
     if calib_text is not None:
         read_text(calib_text)
-    loader = None
-    if stream:
-        from quantkit.streaming import StreamSession, load_model_meta
+    from quantkit.streaming import StreamSession
 
-        loaded, loader = load_model_meta(model, dtype)
-    else:
-        loaded = load_model(model, device, dtype)
-    tasks = check_plan(loaded, rec)
-    check_flags(loaded, rec, method, tasks, calib_prompts=calib_prompts, calib_text=calib_text, calib_file=calib,
-                calib_steps=calib_steps)
+    loaded, loader, tasks = load_and_plan(model, rec, method, stream, device, dtype, calib, calib_prompts,
+                                          calib_text, calib_steps)
     if calls is not None:
         check_calls_fit(loaded, calls, calib)
     session = (StreamSession(loaded, loader, out, overwrite=overwrite, max_shard_bytes=max_shard_mb * 1024**2)

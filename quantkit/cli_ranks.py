@@ -19,12 +19,11 @@ def quantize_ranks(env: DistEnv, model: str, out: Path, rec, calib: Optional[Pat
                    overwrite: bool, max_shard_mb: int, say: Console, json_path: Optional[str], dtype: str = "auto",
                    stream: Optional[bool] = None, calib_memory: Optional[str] = None) -> None:
     """The quantize command on rank `env.rank` of a torchrun job (flags already checked)."""
-    from quantkit.cli_quantize import quantize_locked
-    from quantkit.flag_check import check_flags
+    from quantkit.cli_quantize import load_and_plan, quantize_locked
     from quantkit.methods import get_method
-    from quantkit.models import DTYPES, load_model
+    from quantkit.models import DTYPES
     from quantkit.output_guard import output_lock
-    from quantkit.pipeline import check_plan, quantize_model
+    from quantkit.pipeline import quantize_model
     from quantkit.walk_resume import WalkStore
 
     if dtype != "auto" and dtype not in DTYPES:
@@ -39,16 +38,8 @@ def quantize_ranks(env: DistEnv, model: str, out: Path, rec, calib: Optional[Pat
     with contextlib.ExitStack() as held:
         if env.is_main:  # one writer of --out: rank 0 holds the lock for the whole job
             held.enter_context(output_lock(out))
-        loader = None
-        if stream:
-            from quantkit.streaming import load_model_meta
-
-            loaded, loader = load_model_meta(model, dtype)
-        else:
-            loaded = load_model(model, device, dtype)
-        tasks = check_plan(loaded, rec)
-        check_flags(loaded, rec, method, tasks, calib_prompts=calib_prompts, calib_text=calib_text,
-                    calib_file=calib, calib_steps=calib_steps)
+        loaded, loader, tasks = load_and_plan(model, rec, method, stream, device, dtype, calib, calib_prompts,
+                                              calib_text, calib_steps)
         check_supported(method, [t for t in tasks if not t.plan.skip], None, env)
         if env.is_main:
             if not resume:
