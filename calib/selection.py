@@ -168,15 +168,13 @@ def record_trajectories(loaded: Any, n: int, seed: int, steps: int, prompts: lis
 def trajectory_sample(call: CallArgs, batch: int, i: int) -> CallArgs:
     """Trajectory i's rows of a batched call (with CFG: its unconditional and conditional rows),
     with the timestep as one value per row so that samples can be batched again."""
-    from quantkit.recon.data import _rows, _slice, collate
+    from quantkit.recon.data import _rows, call_row, collate
 
     rows = _rows(call)
     if rows not in (batch, 2 * batch):
         raise QuantkitError(f"a denoiser call has {rows} rows for {batch} trajectories; cannot tell them apart")
     idx = [i] if rows == batch else [i, batch + i]
-    parts = [CallArgs(tuple(_slice(a, j, rows) for a in call.args), {k: _slice(v, j, rows) for k, v in call.kwargs.items()})
-             for j in idx]
-    one = collate(parts)
+    one = collate([call_row(call, j, rows) for j in idx])
     per_row = lambda v: v.reshape(1).expand(len(idx)).clone() if isinstance(v, torch.Tensor) and v.numel() == 1 and v.dim() <= 1 else v  # noqa: E731
     return CallArgs((one.args[0], *[per_row(a) for a in one.args[1:]]) if one.args else (),
                     {k: per_row(v) if k in ("timestep", "t", "timesteps") else v for k, v in one.kwargs.items()})

@@ -65,11 +65,22 @@ def first_tensor(out: Any, keys: tuple[str, ...]) -> torch.Tensor:
     raise QuantkitError(f"cannot find an output tensor in {type(out).__name__}")
 
 
+# Root-call keyword arguments whose first dimension is not the batch (FLUX's positional ids [L, 3]), from
+# every adapter's `unbatched_inputs`: splitting and batching calibration calls must not cut them by rows,
+# and a generic rule cannot tell [L, 3] from [B, 3] when the text length happens to equal the batch.
+UNBATCHED_INPUTS: set[str] = set()
+
+
 class ModelAdapter:
     """Base adapter; subclasses override `matches`, `blocks`, `role` and the calibration hooks."""
 
     name = "base"
     kind = "model"  # "diffusion" or "lm"
+    unbatched_inputs: tuple[str, ...] = ()  # root kwargs shared by every row of a call (see UNBATCHED_INPUTS)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        UNBATCHED_INPUTS.update(cls.unbatched_inputs)
 
     @classmethod
     def matches(cls, root: nn.Module) -> bool:

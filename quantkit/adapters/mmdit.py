@@ -131,6 +131,7 @@ class FluxAdapter(DiffusionTransformerAdapter):
     modulation = (r"norm_out\.linear", r"transformer_blocks\.\d+\.norm1(_context)?\.linear",
                   r"single_transformer_blocks\.\d+\.norm\.linear")
     packing = 2
+    unbatched_inputs = ("img_ids", "txt_ids")  # [tokens, 3] positions, one table for the whole batch
 
     def add_outliers(self, root: nn.Module, factor: float, channels: int, seed: int) -> dict:
         """Channel outliers where FLUX's quantized linears read them: the adaLN-modulated MLP inputs of the

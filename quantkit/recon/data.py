@@ -6,7 +6,8 @@ from typing import Any
 
 import torch
 
-from quantkit.adapters.base import CallArgs, first_tensor
+from quantkit.errors import QuantkitError
+from quantkit.adapters.base import UNBATCHED_INPUTS, CallArgs, first_tensor
 
 
 def _rows(call: CallArgs) -> int:
@@ -27,17 +28,28 @@ def _slice(v: Any, i: int, n: int) -> Any:
     return v
 
 
+def call_row(call: CallArgs, j: int, n: int) -> CallArgs:
+    """Row j of a call of n rows (keyword inputs that adapters declare unbatched are kept whole)."""
+    return CallArgs(tuple(_slice(a, j, n) for a in call.args),
+                    {k: v if k in UNBATCHED_INPUTS else _slice(v, j, n) for k, v in call.kwargs.items()})
+
+
 def split_call(call: CallArgs, group: int = 1) -> list[CallArgs]:
     """Split a batched call into calls of `group` consecutive rows (tensors whose dim 0 is the batch)."""
     n = _rows(call)
     if n <= group:
         return [call]
-    out = []
-    for i in range(0, n, group):
-        parts = [CallArgs(tuple(_slice(a, j, n) for a in call.args), {k: _slice(v, j, n) for k, v in call.kwargs.items()})
-                 for j in range(i, min(i + group, n))]
-        out.append(collate(parts))
-    return out
+    return [collate([call_row(call, j, n) for j in range(i, min(i + group, n))]) for i in range(0, n, group)]
+
+
+def _shared(name: str, vals: list[Any]) -> Any:
+    """An unbatched input of several calls: one table for all of them, or they cannot be batched."""
+    v0 = vals[0]
+    same = all(v is v0 or (isinstance(v, torch.Tensor) and v.shape == v0.shape and torch.equal(v, v0)) for v in vals)
+    if not same:
+        raise QuantkitError(f"calibration calls differ in their {name!r} (different image or text sizes?) "
+                            "and cannot be batched together")
+    return v0
 
 
 def _cat(vals: list[Any], rows: list[int]) -> Any:
@@ -67,7 +79,8 @@ def collate(calls: list[CallArgs]) -> CallArgs:
         return calls[0]
     rows = [_rows(c) for c in calls]
     return CallArgs(tuple(_cat([c.args[i] for c in calls], rows) for i in range(len(calls[0].args))),
-                    {k: _cat([c.kwargs[k] for c in calls], rows) for k in calls[0].kwargs})
+                    {k: _shared(k, [c.kwargs[k] for c in calls]) if k in UNBATCHED_INPUTS
+                     else _cat([c.kwargs[k] for c in calls], rows) for k in calls[0].kwargs})
 
 
 def _mix(q: Any, fp: Any, prob: float, gen: torch.Generator | None) -> Any:
