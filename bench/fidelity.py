@@ -25,7 +25,7 @@ SETTINGS = {
 RECIPES = Path(__file__).parent / "recipes"
 for b in (8, 4):
     SETTINGS |= {
-        f"RTN W{b}A8 static": ["--recipe", f"eda-dm-w{b}a8-fast", "--method", "rtn"],
+        f"RTN W{b}A8 static": ["--recipe", str(RECIPES / f"rtn-static-w{b}a8.yaml")],
         f"Q-Diffusion W{b}A8": ["--recipe", str(RECIPES / f"qdiff-w{b}a8.yaml")],
         f"EDA-DM W{b}A8": ["--recipe", f"eda-dm-w{b}a8-fast"],
         f"EDA-DM+FlexRound W{b}A8": ["--recipe", f"eda-dm-w{b}a8-fast", "--rounding", "flexround"],

@@ -208,6 +208,8 @@ def main() -> None:
                                                          "for all), a recipe name, or none")
     ap.add_argument("--work", default="scratch-scale")
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--reuse", action="store_true", help="reuse a source kept by an earlier --keep run (same model "
+                                                         "and layers) instead of writing it again")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     if args.child:
@@ -225,16 +227,25 @@ def main() -> None:
             raise SystemExit(f"{name} writes tens of GB: pass --big")
         layers = args.layers if args.layers is not None else {"olmoe-1b-7b": 4, "qwen3-30b-a3b": 24}.get(name)
         src = work / name
-        shutil.rmtree(src, ignore_errors=True)
-        t0 = time.perf_counter()
-        cmd = [sys.executable, __file__, "--build", name, "--out", str(src)] + \
-            (["--layers", str(layers)] if layers is not None else [])
-        built = subprocess.run(cmd, capture_output=True, text=True)
-        if built.returncode != 0:
-            raise SystemExit(f"building {name} failed:\n{built.stderr[-3000:]}")
-        nbytes = int(next(x for x in built.stdout.splitlines() if x.startswith("BYTES "))[6:])
-        print(f"{name}: wrote {nbytes / 1e9:.2f} GB of {CONFIGS[name]['dtype']} weights in "
-              f"{time.perf_counter() - t0:.0f}s", flush=True)
+        marker = work / f"{name}.built.json"  # written last, so a half-written source is never reused
+        kept = json.loads(marker.read_text()) if args.reuse and marker.exists() else None
+        if kept is not None and kept["layers"] == layers:
+            nbytes = kept["bytes"]
+            print(f"{name}: reusing {nbytes / 1e9:.2f} GB of weights in {src}", flush=True)
+        else:
+            marker.unlink(missing_ok=True)
+            shutil.rmtree(src, ignore_errors=True)
+            t0 = time.perf_counter()
+            cmd = [sys.executable, __file__, "--build", name, "--out", str(src)] + \
+                (["--layers", str(layers)] if layers is not None else [])
+            built = subprocess.run(cmd, capture_output=True, text=True)
+            if built.returncode != 0:
+                raise SystemExit(f"building {name} failed:\n{built.stderr[-3000:]}")
+            nbytes = int(next(x for x in built.stdout.splitlines() if x.startswith("BYTES "))[6:])
+            print(f"{name}: wrote {nbytes / 1e9:.2f} GB of {CONFIGS[name]['dtype']} weights in "
+                  f"{time.perf_counter() - t0:.0f}s", flush=True)
+            if args.keep:
+                marker.write_text(json.dumps({"layers": layers, "bytes": nbytes}))
         is_unet = CONFIGS[name]["kind"] == "diffusers"
         calibrated = {"auto": json.dumps(STATIC_W8A8) if is_unet else "eaquant-w4a4",
                       "static": json.dumps(STATIC_W8A8)}.get(args.calibrated, args.calibrated)
@@ -255,6 +266,7 @@ def main() -> None:
             shutil.rmtree(out, ignore_errors=True)
         if not args.keep:
             shutil.rmtree(src, ignore_errors=True)
+            marker.unlink(missing_ok=True)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 
