@@ -178,7 +178,21 @@ def load_model(source: str, device: str = "cpu", dtype: Any = "auto") -> LoadedM
         check_finite(module.state_dict().items(), f"{path}{'/' + name if name else ''}")
     loaded.adapter = adapter_for(loaded.root)
     loaded.root.eval()
+    for name in _other_denoisers(loaded):  # e.g. Wan 2.2's transformer_2 (the low-noise steps' expert)
+        log.warning("pipeline %s has a second denoiser, %r, next to %r: quantkit quantizes only %r, and %r stays "
+                    "in full precision in the output (quantize %s/%s as a model of its own to cover it)",
+                    path, name, component, component, name, path, name)
     return loaded
+
+
+def _other_denoisers(loaded: "LoadedModel") -> list[str]:
+    """Pipeline components other than the chosen denoiser that a diffusion adapter would quantize."""
+    from quantkit.adapters import ADAPTERS
+
+    if not loaded.is_pipeline:
+        return []
+    return [n for n, m in _modules_of(loaded) if n != loaded.component
+            and any(cls.kind == "diffusion" and cls.matches(m) for cls in ADAPTERS)]
 
 
 def _check_loading_info(path: Path, info: dict[str, Any]) -> None:

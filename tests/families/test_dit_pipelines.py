@@ -4,6 +4,8 @@ reconstruction iteration) and DGQ calibrate on the sampler's own steps, save, re
 sample the same latents as the in-memory quantized pipeline. DGQ's attention quantizer covers plain softmax
 and SD3 / FLUX / Qwen-Image joint attention: asking for it on Wan's or SANA's linear attention is a one-line
 refusal before any work."""
+import logging
+
 import pytest
 import torch
 
@@ -77,3 +79,24 @@ def test_dgq_attention_on_joint_attention_refuses(model, what, tmp_path):
     msg = one_line_error(cli("quantize", f"zoo:{model}", "--out", tmp_path / "o", "--recipe", "dgq-w8a6"))
     assert "dgq's attention quantizer does not cover" in msg and what in msg and "attention: none" in msg
     assert not (tmp_path / "o").exists()
+
+
+def test_second_denoiser_left_in_full_precision_is_a_visible_warning(tmp_path, caplog):
+    """Wan 2.2 pipelines carry a second transformer for the low-noise steps; quantkit quantizes `transformer`
+    only, and says so instead of leaving `transformer_2` in full precision silently."""
+    from diffusers import WanPipeline
+
+    from quantkit.models import resolve_path
+
+    src = tmp_path / "wan22"
+    pipe = WanPipeline.from_pretrained(resolve_path("zoo:tiny-wan"), local_files_only=True)
+    WanPipeline(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, vae=pipe.vae, scheduler=pipe.scheduler,
+                transformer=pipe.transformer, transformer_2=pipe.transformer, boundary_ratio=0.5).save_pretrained(src)
+    caplog.set_level(logging.WARNING)
+    res = cli("quantize", str(src), "--out", str(tmp_path / "q"), "--recipe", "rtn-w8a8")
+    assert res.exit_code == 0, res.output
+    said = " ".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    assert "second denoiser, 'transformer_2'" in said and "'transformer_2' stays in full precision" in said
+    q = quantkit.load(tmp_path / "q")  # the warning is true: one quantized transformer, one full precision
+    quantized = lambda m: any("Quant" in type(x).__name__ for x in m.modules())  # noqa: E731
+    assert quantized(q.transformer) and not quantized(q.transformer_2)
