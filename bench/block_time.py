@@ -12,7 +12,8 @@ class _Stop(Exception):
     pass
 
 
-def time_blocks(model: str, recipe: str, blocks: int, calib_prompts: str | None) -> dict:
+def time_blocks(model: str, recipe: str, blocks: int, calib_prompts: str | None, calib_size: int | None = None,
+                calib_seq_len: int | None = None) -> dict:
     """{"setup": seconds before the first block (load, calibration), "blocks": [seconds per block step]}."""
     from quantkit.config import Recipe
     from quantkit.methods import METHODS
@@ -20,6 +21,10 @@ def time_blocks(model: str, recipe: str, blocks: int, calib_prompts: str | None)
     from quantkit.pipeline import quantize_model
 
     rec = Recipe.load(recipe)
+    if calib_size:  # to measure how a recipe's block time grows with its calibration set
+        rec = rec.replace(calib_size=calib_size)
+    if calib_seq_len:
+        rec = rec.replace(method_options={**rec.method_options, "calib_seq_len": calib_seq_len})
     cls = METHODS[rec.method]
     orig = cls.quantize_block
     stamps: list[float] = []
@@ -48,11 +53,16 @@ def main() -> int:
     p.add_argument("recipes", nargs="+")
     p.add_argument("--blocks", type=int, default=2)
     p.add_argument("--calib-prompts", default=None)
+    p.add_argument("--calib-size", type=int, default=None, help="override the recipes' calib_size")
+    p.add_argument("--calib-seq-len", type=int, default=None, help="override the recipes' calib_seq_len (LMs)")
     a = p.parse_args()
+    if a.calib_size or a.calib_seq_len:
+        print(f"calibration overridden: calib_size {a.calib_size or 'as recipe'}, "
+              f"calib_seq_len {a.calib_seq_len or 'as recipe'}")
     print("| recipe | blocks timed | seconds per block | setup s (load + calibration) |")
     print("|---|---|---|---|")
     for r in a.recipes:
-        t = time_blocks(a.model, r, a.blocks, a.calib_prompts)
+        t = time_blocks(a.model, r, a.blocks, a.calib_prompts, a.calib_size, a.calib_seq_len)
         per = sum(t["blocks"]) / max(len(t["blocks"]), 1)
         print(f"| {r} | {len(t['blocks'])} | {per:.1f} ({', '.join(f'{s:.1f}' for s in t['blocks'])}) | {t['setup']:.1f} |",
               flush=True)
