@@ -41,7 +41,13 @@ DEFAULTS: dict[str, Any] = {
     "balance": "none", "expert_token_ratio": 2.0, "expert_token_target": None, "balance_pool": 4,
     # Tokens per calibration sequence for LMs (the papers: 2048, EAQuant 4096; the -fast recipes 128).
     "calib_seq_len": 128,
+    # What the rotation of a dense layer (attention, router, shared experts) is searched on: "mean_sample"
+    # = the official code's input, the mean of the calibration samples' block inputs pushed through the
+    # block (one sequence), or "all_tokens" = every calibration token (cost grows with the set: 128 x
+    # 2048 tokens x 256 greedy steps in float64). Experts always use their own routed tokens.
+    "rotation_input": "mean_sample",
 }
+ROTATION_INPUTS = ("mean_sample", "all_tokens")
 
 
 class _Capture:
@@ -114,6 +120,9 @@ class DuQuant(Method):
             raise QuantkitError(f"calib_seq_len must be an integer of at least 2, got {self.opt['calib_seq_len']!r}")
         if self.opt["balance"] not in BALANCE_MODES:
             raise QuantkitError(f"balance must be one of {', '.join(BALANCE_MODES)}, got {self.opt['balance']!r}")
+        if self.opt["rotation_input"] not in ROTATION_INPUTS:
+            raise QuantkitError(f"rotation_input must be one of {', '.join(ROTATION_INPUTS)}, "
+                                f"got {self.opt['rotation_input']!r}")
         if self.opt["weight_clip"] not in ("mse", "none"):
             raise QuantkitError(f"weight_clip must be 'mse' or 'none', got {self.opt['weight_clip']!r}")
         self.rot_cfg = RotationConfig(int(self.opt["block"]), int(self.opt["steps"]), bool(self.opt["permute"]),
@@ -200,6 +209,7 @@ class DuQuant(Method):
             ctx.run()
         finally:
             cap.remove()
+        self._rotation_x = self._mean_sample_inputs(ctx, tasks) if self._rotates_on_mean() else {}
         self.tokens_per_sample = max(1, sum(x.shape[0] for x in next(iter(cap.x.values()), [])) // len(ctx.inputs))
         # Layers that read the very same input tensors (q/k/v, gate/up, router and shared experts) get
         # one rotation, fitted once and stored once (the checkpoint ties the copies), as the official
@@ -212,6 +222,7 @@ class DuQuant(Method):
             if x is None:
                 raise QuantkitError(f"{t.name} received no calibration input; cannot quantize it with {self.name}")
             self._input_key = tuple((c.data_ptr(), tuple(c.shape)) for c in cap.x[t.name])
+            self._fit_x = self._rotation_x.get(t.name)
             if t.kind == "linear":
                 out[t.name] = self.quantize_linear(t, x)
             elif t.kind == "router":
@@ -224,8 +235,37 @@ class DuQuant(Method):
             else:
                 log.warning("%s: %s has no %s path; round-to-nearest", t.name, t.kind, self.name)
                 out[t.name] = build_quantized(t)
-        self._input_key, self._rot_cache = None, {}
+        self._input_key, self._rot_cache, self._fit_x, self._rotation_x = None, {}, None, {}
         return out
+
+    def _rotates_on_mean(self) -> bool:
+        return bool(self.opt["rotate"]) and self.opt["rotation_input"] == "mean_sample"
+
+    def _mean_sample_inputs(self, ctx: BlockContext, tasks: list[LayerTask]) -> dict[str, torch.Tensor]:
+        """Each dense layer's input when the block runs on the mean of its calibration samples (one
+        sequence): what the official code fits rotations on. {} (all tokens, warned) when the samples
+        differ in shape and have no mean."""
+        from quantkit.recon.data import _rows, call_row
+
+        calls = list(ctx.inputs or [])
+        rows = [call_row(c, j, _rows(c)) for c in calls for j in range(_rows(c))]
+        hidden = [r.args[0] if r.args else r.kwargs.get("hidden_states") for r in rows]
+        if not hidden or any(not isinstance(h, torch.Tensor) or h.shape != hidden[0].shape for h in hidden):
+            log.warning("%s: calibration samples differ in shape; rotations are fitted on all their tokens",
+                        ctx.name or "model")
+            return {}
+        mean = torch.stack([h.float() for h in hidden]).mean(0).to(hidden[0].dtype)
+        one = rows[0]
+        one = (type(one)((mean, *one.args[1:]), one.kwargs) if one.args
+               else type(one)((), {**one.kwargs, "hidden_states": mean}))
+        dense = [t for t in tasks if t.kind != "experts"]
+        cap = _Capture(dense, {})
+        try:
+            with torch.no_grad():
+                ctx.block(*one.args, **one.kwargs)
+        finally:
+            cap.remove()
+        return {t.name: _Capture.cat(cap.x, t.name) for t in dense if cap.x.get(t.name)}
 
     def smooth(self, ctx: BlockContext, adapter) -> None:
         """Fold smoothing scales into the block's norms (SmoothQuant over all consumers)."""
@@ -256,7 +296,8 @@ class DuQuant(Method):
         key = getattr(self, "_input_key", None)
         cache = getattr(self, "_rot_cache", {})
         if key is None or key not in cache:
-            parts = self.fit(x)
+            fit_x = getattr(self, "_fit_x", None)
+            parts = self.fit(x if fit_x is None else fit_x)
             rot = None if parts is None else OnlineRotation.from_parts(x.shape[-1], *parts)
             if key is None:
                 return rot

@@ -272,3 +272,34 @@ def test_calib_seq_len_sets_the_calibration_sequence_length():
     bad = Recipe.load("duquant-w4a4-fast")
     with pytest.raises(QuantkitError, match="calib_seq_len"):
         get_method(bad.method, bad.replace(method_options={**bad.method_options, "calib_seq_len": 1}))
+
+
+@pytest.mark.parametrize("where", ["mean_sample", "all_tokens"])
+def test_dense_rotations_fit_on_the_mean_sample_as_the_official_code(where, monkeypatch):
+    """rotation_input "mean_sample": q_proj's rotation is searched on input_layernorm(mean of the calibration
+    samples' block inputs), one sequence, as the official code's rotate_inps; "all_tokens": on every token."""
+    from quantkit.calib.capture import text_calls
+    from quantkit.methods.duquant import DuQuant
+
+    loaded = load_model("zoo:tiny-mixtral")
+    rec = Recipe.load("duquant-w4a4-fast")
+    rec = rec.replace(calib_size=3, method_options={**rec.method_options, "steps": 2, "smooth": False,
+                                                     "calib_seq_len": 40, "rotation_input": where})
+    seen = []
+    orig = DuQuant.fit
+    monkeypatch.setattr(DuQuant, "fit", lambda self, x: seen.append(x.clone()) or orig(self, x))
+    calls = text_calls(loaded.tokenizer, loaded.root.config.vocab_size, 3, rec.seed, 40)
+    m = loaded.root.model
+    with torch.no_grad():
+        embeds = torch.stack([m.embed_tokens(c.kwargs["input_ids"])[0] for c in calls])  # [3, 40, H]
+        mean_in = m.layers[0].input_layernorm(embeds.mean(0, keepdim=True))[0]
+        all_in = m.layers[0].input_layernorm(embeds).reshape(-1, embeds.shape[-1])
+    quantize_model(loaded, rec)
+    first = seen[0]  # block 0's first fit: the q/k/v input
+    if where == "mean_sample":
+        assert first.shape == mean_in.shape and torch.allclose(first, mean_in, atol=1e-5)
+    else:
+        assert first.shape == all_in.shape and torch.allclose(first, all_in, atol=1e-5)
+    bad = Recipe.load("duquant-w4a4-fast")
+    with pytest.raises(QuantkitError, match="rotation_input"):
+        DuQuant(bad.replace(method_options={**bad.method_options, "rotation_input": "median"}))
