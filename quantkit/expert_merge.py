@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from quantkit.mapped_pages import release_pages
+
 try:
     from transformers.core_model_loading import Concatenate, ConversionOps, MergeModulelist, WeightConverter
 except ImportError:  # transformers missing or older than 5: nothing to swap
@@ -41,6 +43,7 @@ class MergeConcatInPlace(ConversionOps):  # type: ignore[misc,valid-type]
             part = out.narrow(self.dim, start, width)
             for e, t in enumerate(tensors):
                 part[e].copy_(t)
+                release_pages(t)  # a view of the source file's map: its pages are not needed twice
             start += width
         del lists
         return {target_patterns[0]: out}

@@ -20,6 +20,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from quantkit.errors import QuantkitError
+from quantkit.mapped_pages import release_pages
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,11 @@ class SourceWeights:
                 with self._open(f) as h:
                     for k in ks:
                         t = h.get_tensor(k)
-                        out[k] = t.clone() if own else t  # clone: aligned, owned, not a view of the map
+                        if own:  # clone: aligned, owned, not a view of the map; then the map's pages go
+                            out[k] = t.clone()
+                            release_pages(t)
+                        else:
+                            out[k] = t
             except (SafetensorError, OSError, RuntimeError) as e:
                 raise QuantkitError(f"cannot read tensors of {f}: {str(e).splitlines()[0]}") from None
         return out
@@ -217,7 +222,9 @@ class ModuleLoader:
                 mod = self.root.get_submodule(path) if path else self.root
                 t = getattr(mod, leaf, None)
                 if isinstance(t, torch.Tensor) and not t.is_meta and not t.untyped_storage().resizable():
-                    t.data = t.data.clone()
+                    mapped = t.data
+                    t.data = mapped.clone()
+                    release_pages(mapped)
 
     def release(self, prefix: str) -> None:
         """Hand a module's memory back: its tensors become meta tensors again."""

@@ -363,3 +363,31 @@ def test_per_expert_tensors_fuse_in_one_copy_with_the_libraries_values(olmoe, mo
     want = OlmoeForCausalLM.from_pretrained(olmoe, dtype=torch.bfloat16).state_dict()
     got = loaded.root.state_dict()
     assert same_bits(got, want) == []
+
+
+def test_pages_of_a_copied_mapped_tensor_are_given_back(tmp_path):
+    """After a tensor read from a safetensors map is copied, its pages leave the process's resident memory
+    (a block is not held twice while it is read), and the view still reads the file's values."""
+    import mmap
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from quantkit import mapped_pages
+
+    def resident() -> int:
+        return int(open("/proc/self/statm").read().split()[1]) * mmap.PAGESIZE
+
+    ref = torch.arange(16 * 2 ** 20, dtype=torch.float32)  # 64 MB
+    save_file({"w": ref}, str(tmp_path / "w.safetensors"))
+    with safe_open(str(tmp_path / "w.safetensors"), "pt") as h:
+        view = h.get_tensor("w")
+        assert float(view[::1024].sum()) == float(ref[::1024].sum())  # every page touched
+        own = view.clone()
+        before = resident()
+        mapped_pages.release_pages(view)
+        if mapped_pages._disabled:
+            pytest.skip("madvise(MADV_PAGEOUT) is not available on this kernel")
+        dropped = before - resident()
+        assert dropped > 0.8 * ref.numel() * 4, dropped
+        assert torch.equal(view, ref) and torch.equal(own, ref)
