@@ -16,19 +16,31 @@ SHAPES = {
     + [(f"e{e}.gate_up", 2 * 14336, 4096, False) for e in range(8)]
     + [(f"e{e}.down", 4096, 14336, False) for e in range(8)],
 }
-CONFIGS = {  # recipe -> (block, permute, shared)
-    "duquant-w4a4 / eaquant-w4a4 (block 128, permutation, shared)": (128, True, True),
-    "same with shared_rotation: false (per-block)": (128, True, False),
-    "duquantpp-mxfp4 (block 32, shared)": (32, False, True),
-    "hadamard-w4a4 (block 128)": (128, False, True),
-}
+RECIPES = ["duquant-w4a4", "eaquant-w4a4", "duquantpp-mxfp4", "hadamard-w4a4"]
+
+
+def geometries() -> dict[str, tuple[int, bool, bool]]:
+    """label -> (block, permute, shared), read from the shipped recipes (method defaults + their options),
+    plus the per-block variant of the first one as the flag's cost."""
+    from quantkit.config import Recipe
+    from quantkit.methods import METHODS
+
+    out = {}
+    for name in RECIPES:
+        rec = Recipe.load(name)
+        opts = {**METHODS[rec.method].option_defaults(), **rec.method_options}
+        geo = (int(opts["block"]), bool(opts["permute"]), bool(opts["shared_rotation"]))
+        out[f"{name} (block {geo[0]}{', permutation' if geo[1] else ''}, {'shared' if geo[2] else 'per-block'})"] = geo
+    block, permute, shared = next(iter(out.values()))
+    out[f"{RECIPES[0]} with shared_rotation: {str(not shared).lower()}"] = (block, permute, not shared)
+    return out
 
 
 def main() -> None:
     print("| model layer | recipe | weights | rotation bytes | rotation bits/weight |")
     print("|---|---|---|---|---|")
     for shape_name, layers in SHAPES.items():
-        for cfg_name, (block, permute, shared) in CONFIGS.items():
+        for cfg_name, (block, permute, shared) in geometries().items():
             weights = rot_bytes = 0
             for _name, n, k, same_input in layers:
                 weights += n * k

@@ -78,6 +78,25 @@ def test_rotation_payload_bytes_at_hidden_4096():
     assert per_block.payload_bytes() == 2 * 32 * 128 * 128 * 2 + 4096 * 2
 
 
+def test_every_shipped_rotation_recipe_meets_the_payload_goal():
+    """Each shipped recipe of a rotating method, with its own geometry (method defaults + its options), stores
+    <= 0.05 bits per weight of rotation at hidden 4096 (duquant-w4a4 once shipped per-block rotations, 0.47)."""
+    from quantkit.config import Recipe, builtin_recipes
+    from quantkit.methods import METHODS
+
+    checked = []
+    for name in builtin_recipes():
+        rec = Recipe.load(name)
+        opts = {**METHODS[rec.method].option_defaults(), **rec.method_options} if rec.method in (
+            "duquant", "eaquant", "hadamard") else None
+        if not opts or not opts["rotate"]:
+            continue
+        rot = OnlineRotation(4096, int(opts["block"]), bool(opts["permute"]), shared=bool(opts["shared_rotation"]))
+        assert 8 * rot.payload_bytes() / (4096 * 4096) <= 0.05, name
+        checked.append(name)
+    assert {"duquant-w4a4", "duquant-w4a4-fast", "eaquant-w4a4", "duquantpp-mxfp4", "hadamard-w4a4"} <= set(checked)
+
+
 def test_rotated_quant_linear_matches_its_reference_and_saves_error():
     x = _outlier_inputs(t=64)
     lin = torch.nn.Linear(256, 32)
