@@ -46,6 +46,9 @@ DEFAULTS: dict[str, Any] = {
     # block (one sequence), or "all_tokens" = every calibration token (cost grows with the set: 128 x
     # 2048 tokens x 256 greedy steps in float64). Experts always use their own routed tokens.
     "rotation_input": "mean_sample",
+    # An expert is calibrated (rotation, GPTQ Hessian) on at most its first T routed tokens, as the official
+    # EAQuant code caches them; False = every token routed to it (grows with the calibration set).
+    "cap_expert_tokens": True,
 }
 ROTATION_INPUTS = ("mean_sample", "all_tokens")
 
@@ -348,7 +351,7 @@ class DuQuant(Method):
         if target is None:
             target = token_target(idx.shape[-1], n_exp, self.tokens_per_sample, float(self.opt["expert_token_ratio"]))
         sel, info = select_expert_tokens(idx, logits, n_exp, int(target), self.opt["balance"], self.recipe.seed,
-                                         None if extra is None else extra[1])
+                                         None if extra is None else extra[1], bool(self.opt["cap_expert_tokens"]))
         if extra is not None:
             x = torch.cat([x, extra[0]])  # extra tokens are only ever selected for experts under target
         act_in, act_mid = make_act(t.plan.activation, "experts"), make_act(t.plan.activation, "experts")

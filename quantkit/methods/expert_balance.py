@@ -29,13 +29,15 @@ def token_target(top_k: int, num_experts: int, tokens_per_sample: int, ratio: fl
 
 def select_expert_tokens(top_k_index: torch.Tensor, router_logits: torch.Tensor | None, num_experts: int,
                          target: int, mode: str = "force", seed: int = 0,
-                         extra_index: torch.Tensor | None = None) -> tuple[list[torch.Tensor], dict[str, Any]]:
+                         extra_index: torch.Tensor | None = None,
+                         cap: bool = False) -> tuple[list[torch.Tensor], dict[str, Any]]:
     """Token indices each expert is calibrated on, and the counts.
 
     top_k_index [T, k] (natural routing; index E marks masked slots), router_logits [T, E] or None
     (then forced tokens are drawn in a seeded random order). extra_index [T2, k] ("more_data"): the
     routing of additional calibration tokens; their indices are T + j (into the concatenation of the
-    layer input and the extra tokens)."""
+    layer input and the extra tokens). cap: an expert over target keeps only its first `target` routed
+    tokens (the official code caches routed tokens until it has T of them)."""
     if mode not in BALANCE_MODES:
         raise ValueError(f"unknown expert balance {mode!r}; allowed: {', '.join(BALANCE_MODES)}")
     t = top_k_index.shape[0]
@@ -45,6 +47,8 @@ def select_expert_tokens(top_k_index: torch.Tensor, router_logits: torch.Tensor 
         routed = (top_k_index == e).any(dim=-1)
         sel = torch.where(routed)[0]
         natural.append(int(sel.numel()))
+        if cap and target > 0:
+            sel = sel[:target]
         n_added = 0
         if mode == "more_data" and extra_index is not None and sel.numel() < target:
             more = torch.where((extra_index == e).any(dim=-1))[0][: target - sel.numel()] + t
@@ -65,7 +69,7 @@ def select_expert_tokens(top_k_index: torch.Tensor, router_logits: torch.Tensor 
             fallback.append(e)
         used.append(sel)
     info = {"expert_tokens": natural, "expert_tokens_used": [int(u.numel()) for u in used], "token_target": target,
-            "balance": mode, "under_target": [e for e, c in enumerate(natural) if c < target],
+            "balance": mode, "capped_at_target": cap, "under_target": [e for e, c in enumerate(natural) if c < target],
             "forced": forced, "layer_input_fallback": fallback}
     if mode == "more_data":
         info["extra_tokens_added"] = added

@@ -120,6 +120,15 @@ def test_expert_with_no_routed_tokens_is_handled_and_reported():
     assert info["expert_tokens_used"] == [4, 3, 2, 2]
 
 
+def test_expert_tokens_capped_at_the_target_as_the_official_code():
+    idx = torch.tensor([[0, 1], [0, 1], [1, 0], [0, 2], [0, 3]])  # expert 0 routed 5 times, 1 three times
+    sel, info = select_expert_tokens(idx, None, 4, target=2, mode="none", cap=True)
+    assert [s.tolist() for s in sel] == [[0, 1], [0, 1], [3], [4]]  # the first T routed tokens, in order
+    assert info["expert_tokens"] == [5, 3, 1, 1] and info["expert_tokens_used"] == [2, 2, 1, 1]
+    sel, _ = select_expert_tokens(idx, None, 4, target=2, mode="none", cap=False)
+    assert [s.tolist() for s in sel][:2] == [[0, 1, 2, 3, 4], [0, 1, 2]]
+
+
 def test_more_data_balance_known_answer():
     """The paper's rule: an expert under target gets tokens *naturally routed to it* in extra samples."""
     idx = torch.tensor([[0, 1], [0, 1], [1, 0], [0, 2]])  # main tokens 0..3
@@ -145,7 +154,8 @@ def test_more_data_balance_end_to_end_reads_further_samples():
     for c in infos:
         for e, (nat, used, add) in enumerate(zip(c["expert_tokens"], c["expert_tokens_used"], c["extra_tokens_added"])):
             assert add == 0 or nat < c["token_target"]  # only experts under target get extra tokens
-            assert used == nat + add or e in c["layer_input_fallback"]
+            kept = min(nat, c["token_target"]) if c["capped_at_target"] else nat  # capped: the first T routed
+            assert used == kept + add or e in c["layer_input_fallback"]
             assert used <= max(nat, c["token_target"]) or e in c["layer_input_fallback"]
 
 
