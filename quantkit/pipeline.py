@@ -148,6 +148,8 @@ def quantize_model(loaded: LoadedModel, recipe: Recipe, *, calib_prompts: str | 
     done: dict[str, nn.Module] = {}
     if stream is not None and not method.supports_streaming:
         raise QuantkitError(f"method {recipe.method} cannot run on a streamed model; quantize with --no-stream")
+    if stream is not None and calls is not None:
+        _stream_outside(stream)  # the calls start in the embeddings
     hooked = [b for _, b in blocks]
     spill = SpillManager(calib_memory, work_dir, calls) if calib_memory is not None and calls is not None else None
     prop = (BlockPropagator(root, hooked, calls, _clock_setter(root, calls), spill, block_names)
@@ -233,6 +235,8 @@ def quantize_model(loaded: LoadedModel, recipe: Recipe, *, calib_prompts: str | 
         return QuantizationResult({}, {}, calibration, time.time() - t0, [n for n, _ in units], {}, {},
                                   block_seconds, list(method.resumed_blocks))
     if outside:
+        if stream is not None:
+            _stream_outside(stream)
         if progress:
             progress("(outside blocks)", unit_no, len(units))
         q = _quantize_unit(method, "", root, by_block, calls, list(range(len(calls or []))), root, calls, progress,
@@ -252,6 +256,12 @@ def quantize_model(loaded: LoadedModel, recipe: Recipe, *, calib_prompts: str | 
     return QuantizationResult(layers, skipped, calibration, time.time() - t0, [n for n, _ in units], extras,
                               calibration_spill, block_seconds,
                               list(method.resumed_blocks))
+
+
+def _stream_outside(stream: BlockStream) -> None:
+    outside = getattr(stream, "outside", None)  # (a rank's prepass stream never needs them)
+    if outside is not None:
+        outside()
 
 
 def _quantize_unit(method: Any, bname: str, block: nn.Module, by_block: dict[str, list[LayerTask]],

@@ -206,11 +206,20 @@ class StreamSession:
         big = sum(f.stat().st_size for f in set(loader.source.where.values())) >= _RESERVE_FROM_BYTES
         self.writer = ShardWriter(self.wdir, max_shard_bytes, WEIGHT_STEMS.get(self.kind, "model"),
                                   reserve_header=_HEADER_RESERVE if big else 0)
-        self.loader.materialize([""], exclude=self.block_names)  # embeddings, norms, heads: small, needed throughout
+        self.peak_block_bytes = 0
+        self._outside_loaded = False
+
+    def outside(self) -> None:
+        """Embeddings, norms, heads: read only when first needed (the first calibration forward, the layers
+        outside blocks, the final write), not held beside every block (a large vocabulary's embedding and
+        head can outweigh a block)."""
+        if self._outside_loaded:
+            return
         from quantkit.source_check import check_finite
 
-        check_finite(loaded.root.state_dict().items(), str(loaded.path))  # (blocks are checked as they come)
-        self.peak_block_bytes = 0
+        self.loader.materialize([""], exclude=self.block_names)
+        check_finite(self.loaded.root.state_dict().items(), str(self.loaded.path))  # (blocks: as they come)
+        self._outside_loaded = True
 
     def enter(self, name: str, module: nn.Module) -> None:
         from quantkit.source_check import check_finite
@@ -233,6 +242,7 @@ class StreamSession:
         """Every block materialized (a pipeline's calibration sampling runs the whole denoiser)."""
         log.warning("calibration sampling runs the whole denoiser: all its blocks are loaded for it "
                     "(give --calib FILE to keep memory at one block)")
+        self.outside()
         self.loader.materialize(self.block_names)
         try:
             yield
@@ -246,6 +256,7 @@ class StreamSession:
                                  write_quantization_config)
         from quantkit.output_guard import written_files
 
+        self.outside()
         root = self.loaded.root
         rest = {k: v for k, v in root.state_dict().items()
                 if not any(k.startswith(b + ".") for b in self.block_names)}

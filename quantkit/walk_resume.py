@@ -37,6 +37,9 @@ class BlockStream(Protocol):
     def leave(self, name: str, module: nn.Module) -> None:
         """Write `module`'s (now final) tensors and release them."""
 
+    def outside(self) -> None:
+        """Materialize the parts outside blocks (embeddings, norms, heads) before anything reads them."""
+
 
 def _hash(h: Any, v: Any) -> None:
     if isinstance(v, torch.Tensor):
