@@ -89,7 +89,9 @@ def main() -> int:
         "moe": "Each *yes*: tiny random config (2 layers, hidden 64, 4 experts) quantized, every expert weight "
                "quantized (inspect shows none in full precision), saved, reloaded with `quantkit.load`, output equal "
                "to the in-memory quantized model; routers found from the MoE block's structure stay in full "
-               "precision. Experts stored input-first, interleaved (gpt-oss), dense-called (Llama-4) or as one "
+               "precision (RTN columns). eaquant / duquantpp: the `-fast` recipes on 2 x 32 calibration tokens "
+               "(4 greedy rotation steps) quantize every expert with its own rotation, and the checkpoint reloads "
+               "to the same output. Experts stored input-first, interleaved (gpt-oss), dense-called (Llama-4) or as one "
                "weight per projection (JetMoE) take round-to-nearest with weight-only or dynamic activations; "
                "calibrated methods refuse them in one line.",
         "generic": "A model whose repeated blocks (a ModuleList of identical layers) are found: rtn weight-only "

@@ -74,12 +74,13 @@ def test_weight_view_of_replaced_linear():
     assert torch.allclose(q.weight.dequantize().float(), lin.weight, atol=0.02)
 
 
-@pytest.mark.parametrize("family", [pytest.param(f, marks=pytest.mark.family(f, "eaquant", "refusal"))
-                                    for f in ("gpt_oss", "llama4", "jetmoe")])
-def test_calibrated_method_refuses_non_standard_experts(family):
+@pytest.mark.parametrize("family,recipe", [pytest.param(f, r, marks=pytest.mark.family(f, r.split("-")[0], "refusal"))
+                                           for f in ("gpt_oss", "llama4", "jetmoe")
+                                           for r in ("eaquant-w4a4-fast", "duquantpp-mxfp4-fast")])
+def test_calibrated_method_refuses_non_standard_experts(family, recipe):
     model = build(family)
     with pytest.raises(QuantkitError, match="allowed for this layout: rtn with weight-only or dynamic activations"):
-        plan_layers(model, adapter_for(model), Recipe.load("eaquant-w4a4-fast"))
+        plan_layers(model, adapter_for(model), Recipe.load(recipe))
 
 
 def test_smoothing_folds_only_where_exact():

@@ -133,3 +133,31 @@ def test_linear_subclass_router_is_quantized_as_a_router(tmp_path):
     q = _logits(loaded.root, ids)
     reloaded = quantkit.load(save_checkpoint(loaded, rec, result, tmp_path / "ckpt"))
     assert torch.isfinite(q).all() and torch.allclose(q, _logits(reloaded, ids), rtol=1e-4, atol=1e-4)
+
+
+NON_STANDARD = {"gpt_oss", "llama4", "jetmoe"}  # refuse calibrated methods (tests/families/test_expert_layouts.py)
+CALIBRATED = ("eaquant-w4a4-fast", "duquantpp-mxfp4-fast")
+CALIBRATED_CASES = [pytest.param(f, r, marks=pytest.mark.family(f, r.removesuffix("-fast").split("-")[0], "moe"),
+                                 id=f"{f}-{r}") for f in MOE_FAMILIES if f not in NON_STANDARD for r in CALIBRATED]
+
+
+@pytest.mark.parametrize("family,recipe", CALIBRATED_CASES)
+def test_moe_family_rotation_methods(family, recipe, tmp_path):
+    """EAQuant (smoothing, rotations, router alignment, expert balance) and DuQuant++ (MXFP4 rotation) run on
+    every family with standard experts; the checkpoint reloads to the in-memory quantized model's output."""
+    src = tmp_path / "src"
+    build(family).save_pretrained(src)
+    loaded = load_model(str(src))
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    ref = _logits(loaded.root, ids)
+    base = Recipe.load(recipe)
+    rec = base.replace(calib_size=2, method_options={**base.method_options, "steps": 4, "calib_seq_len": 32})
+    result = quantize_model(loaded, rec)
+    q = _logits(loaded.root, ids)
+    assert torch.isfinite(q).all()
+    assert 0 < ((q - ref).norm() / ref.norm()).item() < 0.5
+    assert _expert_params(loaded.root) == 0
+    experts = [r for r in result.layers.values() if r["kind"] == "experts"]
+    assert experts and all(r["calibration"]["expert_tokens_used"] for r in experts)
+    reloaded = quantkit.load(save_checkpoint(loaded, rec, result, tmp_path / "ckpt"))
+    assert torch.allclose(q, _logits(reloaded, ids), rtol=1e-4, atol=1e-4)
