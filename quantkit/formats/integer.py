@@ -43,15 +43,22 @@ def int_qparams(
     # Min and max are exact in the input's own dtype: reduce first, convert the [.., groups] results only
     # (no fp32 copy of the weight; same values as reducing its fp32 copy).
     xg = _group_view(x, spec)
+    return range_qparams(xg.amin(dim=-1), xg.amax(dim=-1), spec, scale_dtype)
+
+
+def range_qparams(
+    lo: torch.Tensor, hi: torch.Tensor, spec: FormatSpec, scale_dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """int_qparams from each group's min `lo` and max `hi` [..., G]."""
     if spec.symmetric:
         qmax = (1 << (spec.bits - 1)) - 1
-        amax = torch.maximum(xg.amax(dim=-1), xg.amin(dim=-1).neg()).float()  # = |x|.amax, NaN included
+        amax = torch.maximum(hi, lo.neg()).float()  # = |x|.amax, NaN included
         scale = amax / qmax
         zero = None
     else:
         levels = (1 << spec.bits) - 1
-        lo = xg.amin(dim=-1).float().clamp(max=0)
-        hi = xg.amax(dim=-1).float().clamp(min=0)
+        lo = lo.float().clamp(max=0)
+        hi = hi.float().clamp(min=0)
         scale = (hi - lo) / levels
     # An all-zero group would give scale 0 and NaN codes: any positive scale encodes it exactly.
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
