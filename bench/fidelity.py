@@ -68,7 +68,10 @@ def under_target(ckpt: Path) -> tuple[int, int] | None:
     qj = ckpt / "quantization.json"
     if not qj.is_file():
         return None
-    cals = [r["calibration"] for r in json.loads(qj.read_text())["layers"].values()
+    meta = json.loads(qj.read_text())
+    if meta.get("recipe", {}).get("method") == "hadamard":  # a fixed rotation: no expert is fitted on tokens
+        return None
+    cals = [r["calibration"] for r in meta["layers"].values()
             if "expert_tokens" in (r.get("calibration") or {})]
     if not cals:
         return None
