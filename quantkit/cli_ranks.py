@@ -56,6 +56,30 @@ def quantize_ranks(env: DistEnv, model: str, out: Path, rec, calib: Optional[Pat
         del loaded, loader
         barrier()  # every share is in work_dir
         if env.is_main:
-            quantize_locked(model, out, rec, calib, calib_prompts, calib_text, calib_steps, True, device, overwrite,
-                            max_shard_mb, say, json_path, dtype, stream, calib_memory)
+            with _ranks_blocks_reused() as reused:
+                quantize_locked(model, out, rec, calib, calib_prompts, calib_text, calib_steps, True, device,
+                                overwrite, max_shard_mb, say, json_path, dtype, stream, calib_memory)
+            say.print(f"rank 0: the checkpoint took {reused[0]} blocks from the ranks' shares", highlight=False)
     barrier()  # the others exit once the checkpoint is in place
+
+
+@contextlib.contextmanager
+def _ranks_blocks_reused():
+    """Rank 0's writing pass reuses every block the ranks quantized: the walk's per-block "finished by an
+    earlier run" warning (meant for a resumed kill) would be printed once per block, so it is counted instead."""
+    import logging
+
+    count = [0]
+
+    def drop(record: logging.LogRecord) -> bool:
+        if "finished by an earlier run" in record.getMessage():
+            count[0] += 1
+            return False
+        return True
+
+    logger = logging.getLogger("quantkit.pipeline")
+    logger.addFilter(drop)
+    try:
+        yield count
+    finally:
+        logger.removeFilter(drop)

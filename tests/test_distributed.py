@@ -68,6 +68,9 @@ def test_two_ranks_equal_one_process(which, flags, share, moe8, unet, tmp_path):
     p = torchrun(*args, "--out", tmp_path / "two")
     assert p.returncode == 0, p.stdout + p.stderr
     assert "2 ranks" in p.stdout and f"rank 0: {share} blocks quantized" in p.stdout  # half the units
+    # rank 0's writing pass reuses every unit: one summary line, not a "killed run" warning per block
+    assert f"took {2 * share} blocks from the ranks' shares" in p.stdout
+    assert "finished by an earlier run" not in p.stdout + p.stderr
     _equal(tmp_path / "one", tmp_path / "two")
     assert not list(tmp_path.glob(".two.*"))  # progress folder and lock gone
 
