@@ -27,7 +27,7 @@ def static_experts_forward(m: nn.Module, hidden: torch.Tensor, top_k_index: torc
     out = torch.zeros_like(hidden)
     for e in range(n_experts):
         x = hidden
-        y = expert_mlp(m, x, e, w_gu, w_dn) * routing[:, e, None]
+        y = expert_mlp(m, x, e, w_gu[e], w_dn[e]) * routing[:, e, None]
         # where, not a multiply by 0: an unrouted token's inf/nan must not leak into its output
         out = out + torch.where(chosen[:, e, None], y, torch.zeros_like(y)).to(out.dtype)
     return out

@@ -118,18 +118,18 @@ def attach_empty_rotations(qmodule: nn.Module, rec: dict[str, Any] | None) -> nn
 
 def expert_mlp(m: nn.Module, x: torch.Tensor, e: int, w_gu: torch.Tensor, w_dn: torch.Tensor) -> torch.Tensor:
     """Expert e of a QuantExperts on tokens x [T, H], with its online rotations and activation quantizers;
-    w_gu [E, 2I, H] and w_dn [E, H, I] are the dequantized weights."""
+    w_gu [2I, H] and w_dn [H, I] are its dequantized weights."""
     if m.rot_in is not None:
         x = m.rot_in(x, e)
     if m.act_in is not None:
         x = m.act_in(x)
-    gate, up = F.linear(x, w_gu[e], None if m.gate_up_bias is None else m.gate_up_bias[e]).chunk(2, dim=-1)
+    gate, up = F.linear(x, w_gu, None if m.gate_up_bias is None else m.gate_up_bias[e]).chunk(2, dim=-1)
     h = m.act_fn(gate) * up
     if m.rot_mid is not None:
         h = m.rot_mid(h, e)
     if m.act_mid is not None:
         h = m.act_mid(h)
-    return F.linear(h, w_dn[e], None if m.down_bias is None else m.down_bias[e])
+    return F.linear(h, w_dn, None if m.down_bias is None else m.down_bias[e])
 
 
 @torch.no_grad()
@@ -138,13 +138,20 @@ def rotated_experts_forward(m: nn.Module, hidden: torch.Tensor, top_k_index: tor
     """QuantExperts forward with per-expert online rotations of the gate/up and down inputs
     (pure torch; the fused MoE kernel has no rotation or activation-quantization path)."""
     out = torch.zeros_like(hidden)
-    w_gu = m.gate_up.dequantize(hidden.dtype)  # [E, 2I, H]
-    w_dn = m.down.dequantize(hidden.dtype)  # [E, H, I]
+    gate_up, down = m.gate_up, m.down
+    # As kernels/reference.py: all experts at once when the weights keep a dense copy; without one (a
+    # streamed calibration walk) only the experts this call reaches, one at a time, so that no dense
+    # 16-bit (and transient fp32) copy of every expert sits beside the codes.
+    whole = gate_up.dense is not None or gate_up.cache is not None
+    w_gu = gate_up.dequantize(hidden.dtype) if whole else None  # [E, 2I, H]
+    w_dn = down.dequantize(hidden.dtype) if whole else None  # [E, H, I]
     for e in torch.unique(top_k_index).tolist():
         if not 0 <= e < m.num_experts:  # transformers marks masked-out slots with index E
             continue
         token_idx, slot = torch.where(top_k_index == e)
         x = hidden[token_idx]
-        y = expert_mlp(m, x, e, w_gu, w_dn)
+        wg = w_gu[e] if whole else gate_up.select(e).dequantize(hidden.dtype)  # [2I, H]
+        wd = w_dn[e] if whole else down.select(e).dequantize(hidden.dtype)  # [H, I]
+        y = expert_mlp(m, x, e, wg, wd)
         out.index_add_(0, token_idx, (y * top_k_weights[token_idx, slot, None]).to(out.dtype))
     return out
