@@ -121,7 +121,9 @@ def test_concurrent_run_then_sigkill_then_resume(tmp_path, caplog):
 
 
 def test_sigint_leaves_nothing_and_exits_130(tmp_path):
-    r = recipe(tmp_path, 20)
+    # Blocks long enough that the run cannot finish between its first block and the signal, even on a loaded
+    # machine (with 20 iterations a CI run under load once finished first and exited 0).
+    r = recipe(tmp_path, 200)
     out = tmp_path / "q"
     progress = tmp_path / ".q.progress"
     proc = _start(["zoo:tiny-unet", "--recipe", r, "--out", out], tmp_path)
