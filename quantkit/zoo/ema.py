@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import copy
+import logging
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 class EMA:
@@ -20,3 +23,16 @@ class EMA:
         decay = min(self.decay, (1 + step) / (10 + step))
         for shadow, live in zip(self.shadow.parameters(), model.parameters()):
             shadow.lerp_(live.detach(), 1 - decay)
+
+
+def step_with_ema(model: torch.nn.Module, opt: torch.optim.Optimizer, ema: EMA, loss: torch.Tensor, step: int,
+                  steps: int, name: str) -> None:
+    """The zoo denoisers' training step after the loss: backward, clip to norm 1, optimizer step, EMA update,
+    a log line every 200 steps and at the last."""
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    ema.update(model, step)
+    if step % 200 == 0 or step == steps - 1:
+        log.info("%s step %d/%d loss %.4f", name, step, steps, loss.item())

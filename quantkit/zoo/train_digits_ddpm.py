@@ -14,7 +14,7 @@ from quantkit.zoo.clip_judge import DigitJudge
 from quantkit.zoo.common import cosine_lr, seed_everything, timed, write_metrics
 from quantkit.zoo.diffusion_setup import add_noise
 from quantkit.zoo.digits_data import augment, digits_splits
-from quantkit.zoo.ema import EMA
+from quantkit.zoo.ema import EMA, step_with_ema
 from quantkit.zoo.registry import zoo_path
 
 log = logging.getLogger(__name__)
@@ -59,13 +59,7 @@ def train_unet(images: torch.Tensor, scheduler: DDIMScheduler, gen: torch.Genera
         x0 = augment(images[torch.randint(0, len(images), (batch,), generator=gen)], gen)
         noisy, t, noise = add_noise(x0, scheduler, gen)
         loss = F.mse_loss(unet(noisy, t).sample, noise)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        ema.update(unet, step)
-        if step % 200 == 0 or step == steps - 1:
-            log.info("ddpm step %d/%d loss %.4f", step, steps, loss.item())
+        step_with_ema(unet, opt, ema, loss, step, steps, "ddpm")
     return ema.shadow
 
 

@@ -14,7 +14,7 @@ from quantkit.zoo.common import cosine_lr, seed_everything, timed, write_metrics
 from quantkit.zoo.diffusion_setup import add_noise, build_scheduler, encode_latents
 from quantkit.zoo.digits_data import NUMBER_WORDS, digits_splits
 from quantkit.zoo.digits_vae import LATENT_CHANNELS, LATENT_SIZE
-from quantkit.zoo.ema import EMA
+from quantkit.zoo.ema import EMA, step_with_ema
 from quantkit.zoo.registry import zoo_path
 
 log = logging.getLogger(__name__)
@@ -54,13 +54,7 @@ def train_transformer(latents: torch.Tensor, labels: torch.Tensor, scheduler: DD
         pick = torch.randint(0, len(latents), (batch,), generator=gen)
         noisy, t, noise = add_noise(latents[pick], scheduler, gen)
         loss = F.mse_loss(model(noisy, timestep=t, class_labels=labels[pick]).sample, noise)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        ema.update(model, step)
-        if step % 200 == 0 or step == steps - 1:
-            log.info("dit step %d/%d loss %.4f", step, steps, loss.item())
+        step_with_ema(model, opt, ema, loss, step, steps, "dit")
     return ema.shadow
 
 

@@ -27,7 +27,7 @@ from quantkit.zoo.common import cosine_lr, seed_everything, timed, write_metrics
 from quantkit.zoo.diffusion_setup import encode_latents
 from quantkit.zoo.digits_data import IMAGE_SIZE, digits_splits
 from quantkit.zoo.digits_vae import LATENT_CHANNELS
-from quantkit.zoo.ema import EMA
+from quantkit.zoo.ema import EMA, step_with_ema
 from quantkit.zoo.registry import zoo_path
 from quantkit.zoo.train_digits_t2i import text_encoder_from_clip
 
@@ -93,13 +93,7 @@ def train_transformer(pipe: FluxPipeline, latents: torch.Tensor, labels: torch.T
                      encoder_hidden_states=torch.stack([r[1] for r in rows]), txt_ids=text_ids,
                      img_ids=img_ids).sample
         loss = F.mse_loss(pred, noise - x0)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        ema.update(model, step)
-        if step % 200 == 0 or step == steps - 1:
-            log.info("mmdit step %d/%d loss %.4f", step, steps, loss.item())
+        step_with_ema(model, opt, ema, loss, step, steps, "mmdit")
     return ema.shadow
 
 

@@ -17,7 +17,7 @@ from quantkit.zoo.common import cosine_lr, seed_everything, timed, write_metrics
 from quantkit.zoo.diffusion_setup import add_noise, build_scheduler, encode_latents
 from quantkit.zoo.digits_data import digits_splits
 from quantkit.zoo.digits_vae import LATENT_CHANNELS, LATENT_SIZE, reconstruction_mse, set_scaling_factor, train_vae
-from quantkit.zoo.ema import EMA
+from quantkit.zoo.ema import EMA, step_with_ema
 from quantkit.zoo.registry import zoo_path
 from quantkit.zoo.train_digits_clip import tokenize
 
@@ -73,13 +73,7 @@ def train_unet(latents: torch.Tensor, labels: torch.Tensor, text_encoder: CLIPTe
             cond = text_encoder(input_ids=tokenize(tokenizer, texts)).last_hidden_state
         noisy, t, noise = add_noise(x0, scheduler, gen)
         loss = F.mse_loss(unet(noisy, t, encoder_hidden_states=cond).sample, noise)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        ema.update(unet, step)
-        if step % 200 == 0 or step == steps - 1:
-            log.info("unet step %d/%d loss %.4f", step, steps, loss.item())
+        step_with_ema(unet, opt, ema, loss, step, steps, "unet")
     return ema.shadow
 
 
