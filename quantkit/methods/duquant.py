@@ -108,6 +108,7 @@ class DuQuant(Method):
     """Options (recipe method_options) and defaults: see DEFAULTS."""
 
     defaults = DEFAULTS
+    fits_on_data = True  # the rotation is searched on calibration inputs (a fixed rotation needs no mean-sample pass)
 
     @classmethod
     def option_defaults(cls) -> dict:
@@ -242,7 +243,7 @@ class DuQuant(Method):
         return out
 
     def _rotates_on_mean(self) -> bool:
-        return bool(self.opt["rotate"]) and self.opt["rotation_input"] == "mean_sample"
+        return self.fits_on_data and bool(self.opt["rotate"]) and self.opt["rotation_input"] == "mean_sample"
 
     def _mean_sample_inputs(self, ctx: BlockContext, tasks: list[LayerTask]) -> dict[str, torch.Tensor]:
         """Each dense layer's input when the block runs on the mean of its calibration samples (one

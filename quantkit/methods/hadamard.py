@@ -46,6 +46,7 @@ class HadamardRTN(DuQuant):
     weight_clip (none = plain round-to-nearest), gptq; the DuQuant engine's others are inert."""
 
     defaults = HADAMARD_DEFAULTS
+    fits_on_data = False
 
     def fit(self, x: torch.Tensor) -> tuple | None:
         if not self.opt["rotate"]:
