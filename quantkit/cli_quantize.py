@@ -38,8 +38,9 @@ def load_and_plan(model: str, rec, method, stream: bool, device: str, dtype: str
 def quantize_locked(model: str, out: Path, rec, calib: Optional[Path], calib_prompts: Optional[Path],
                      calib_text: Optional[Path], calib_steps: Optional[int], resume: bool, device: str,
                      overwrite: bool, max_shard_mb: int, say: Console, json_path: Optional[str], dtype: str = "auto",
-                     stream: Optional[bool] = None, calib_memory: Optional[str] = None) -> None:
-    """The quantize command once its flags are checked and the output is locked."""
+                     stream: Optional[bool] = None, calib_memory: Optional[str] = None, ranks=None) -> None:
+    """The quantize command once its flags are checked and the output is locked (with `ranks`, rank 0 of a
+    torchrun job whose other ranks walk beside it: see quantkit.cli_ranks)."""
     import shutil
 
     from quantkit.flag_check import check_calls_fit, group_fallback_note
@@ -96,7 +97,7 @@ def quantize_locked(model: str, out: Path, rec, calib: Optional[Path], calib_pro
             result = quantize_model(loaded, rec, calib_prompts=str(calib_prompts) if calib_prompts else None,
                                     calib_text=str(calib_text) if calib_text else None, calib_steps=calib_steps,
                                     progress=progress, calls=calls, work_dir=work_dir, stream=session,
-                                    calib_memory=calib_bytes)
+                                    calib_memory=calib_bytes, ranks=ranks)
         if calib_prov is not None:
             result.calibration.update(file=str(calib), selection=calib_prov)
         if session is not None:

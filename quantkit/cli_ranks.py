@@ -1,6 +1,10 @@
-"""`quantkit quantize` under torchrun: every rank quantizes its share of the blocks into the progress
-folder, then rank 0 runs the single-process command, which reuses them and writes the checkpoint
-(see quantkit.distributed for why that is the single-process checkpoint bit for bit)."""
+"""`quantkit quantize` under torchrun (see quantkit.distributed for why both splits give the single-process
+checkpoint bit for bit).
+
+Independent blocks: every rank quantizes its share of the blocks into the progress folder, then rank 0
+runs the single-process command, which reuses them and writes the checkpoint. Calibrated MoE methods:
+rank 0 runs the single-process command and the others walk beside it, each doing its share of every
+MoE layer's experts; rank 0 writes."""
 from __future__ import annotations
 
 import contextlib
@@ -10,7 +14,7 @@ from typing import Optional
 
 from rich.console import Console
 
-from quantkit.distributed import DistEnv, PrepassStream, barrier, check_supported
+from quantkit.distributed import DistEnv, ExpertShare, PrepassStream, barrier, calibrates, check_supported
 from quantkit.errors import QuantkitError
 
 
@@ -29,8 +33,8 @@ def quantize_ranks(env: DistEnv, model: str, out: Path, rec, calib: Optional[Pat
     if dtype != "auto" and dtype not in DTYPES:
         raise QuantkitError(f"unknown --dtype {dtype!r}; allowed: auto, bfloat16, float16, float32")
     if calib is not None or calib_memory is not None:
-        raise QuantkitError(f"--calib / --calib-memory feed calibration, which does not run across ranks yet "
-                            f"(WORLD_SIZE={env.world_size}); run without torchrun")
+        raise QuantkitError(f"--calib / --calib-memory do not run across ranks yet (WORLD_SIZE={env.world_size}); "
+                            "run without torchrun")
     if stream and device != "cpu":
         raise QuantkitError("--stream materializes blocks on the CPU; use --no-stream with --device cuda")
     method = get_method(rec.method, rec)
@@ -41,6 +45,12 @@ def quantize_ranks(env: DistEnv, model: str, out: Path, rec, calib: Optional[Pat
         loaded, loader, tasks = load_and_plan(model, rec, method, stream, device, dtype, calib, calib_prompts,
                                               calib_text, calib_steps)
         check_supported(method, [t for t in tasks if not t.plan.skip], None, env)
+        if calibrates(method, [t for t in tasks if not t.plan.skip]):
+            if env.is_main:
+                loaded = loader = None  # rank 0 runs the single-process command, which loads its own
+            _expert_split(env, (loaded, loader), model, out, rec, calib_prompts, calib_text, calib_steps, resume,
+                          device, overwrite, max_shard_mb, say, json_path, dtype, stream, work_dir)
+            return
         if env.is_main:
             if not resume:
                 shutil.rmtree(work_dir, ignore_errors=True)
@@ -60,6 +70,34 @@ def quantize_ranks(env: DistEnv, model: str, out: Path, rec, calib: Optional[Pat
                 quantize_locked(model, out, rec, calib, calib_prompts, calib_text, calib_steps, True, device,
                                 overwrite, max_shard_mb, say, json_path, dtype, stream, calib_memory)
             say.print(f"rank 0: the checkpoint took {reused[0]} blocks from the ranks' shares", highlight=False)
+    barrier()  # the others exit once the checkpoint is in place
+
+
+def _expert_split(env: DistEnv, model_loaded: tuple, model: str, out: Path, rec, calib_prompts: Optional[Path],
+                  calib_text: Optional[Path], calib_steps: Optional[int], resume: bool, device: str, overwrite: bool,
+                  max_shard_mb: int, say: Console, json_path: Optional[str], dtype: str, stream: Optional[bool],
+                  work_dir: Path) -> None:
+    """A calibrated run with each MoE layer's experts split across ranks: rank 0 runs the single-process
+    command (it writes the checkpoint and the progress folder), the other ranks walk beside it."""
+    from quantkit.cli_quantize import quantize_locked
+    from quantkit.pipeline import quantize_model
+
+    share = ExpertShare(env)
+    if env.is_main:
+        say.print(f"[bold]{env.world_size} ranks[/]: every rank walks the calibrated blocks, each quantizes its "
+                  "share of every MoE layer's experts; rank 0 writes the checkpoint", highlight=False)
+        quantize_locked(model, out, rec, None, calib_prompts, calib_text, calib_steps, resume, device, overwrite,
+                        max_shard_mb, say, json_path, dtype, stream, None, ranks=share)
+    else:
+        import logging
+
+        # the same walk as rank 0's: its warnings are rank 0's, said once there; errors still show
+        logging.getLogger("quantkit").setLevel(logging.ERROR)
+        loaded, loader = model_loaded  # (loaded and checked by quantize_ranks)
+        names = [n for n, _ in loaded.adapter.blocks(loaded.root)]
+        quantize_model(loaded, rec, calib_prompts=str(calib_prompts) if calib_prompts else None,
+                       calib_text=str(calib_text) if calib_text else None, calib_steps=calib_steps, work_dir=work_dir,
+                       stream=PrepassStream(loader, names) if loader is not None else None, ranks=share)
     barrier()  # the others exit once the checkpoint is in place
 
 

@@ -1,13 +1,21 @@
-"""`quantkit quantize` under torchrun: blocks split across ranks through the per-block resume store.
+"""`quantkit quantize` under torchrun: the work of a run split across ranks.
 
-Supported today: methods whose blocks are independent (no calibration calls, e.g. RTN weight-only).
-Each rank quantizes the blocks whose unit number is its own (unit % world_size == rank) and keeps
-them in the run's progress folder (quantkit.walk_resume); after a barrier, rank 0 runs the ordinary
-single-process walk, which finds every block finished and writes the checkpoint. The checkpoint is
-therefore the single-process one bit for bit (same per-block seeds, same writer), a killed rank's
-finished blocks survive for the rerun, and no half-written checkpoint is ever valid (the writer's
-atomic rename). Calibrated methods carry activations from block to block, which needs the expert-
-and data-parallel walk that is not built yet: they are refused in one line, never run wrong.
+Two splits, both giving the single-process checkpoint bit for bit:
+
+- Independent blocks (no calibration calls, e.g. RTN weight-only): each rank quantizes the blocks whose
+  unit number is its own (unit % world_size == rank) into the run's progress folder
+  (quantkit.walk_resume); after a barrier, rank 0 runs the ordinary single-process walk, which finds
+  every block finished and writes the checkpoint (same per-block seeds, same writer).
+- Calibrated MoE methods that quantize experts one by one (duquant, eaquant: `Method.expert_parallel`):
+  every rank walks the blocks on the same calibration calls; what spans experts (smoothing statistics
+  and their maximum over experts, router alignment, token counts) is computed on every rank from all the
+  tokens, so it is exact, not a per-rank approximation; the per-expert work (rotation search, clipping
+  search or GPTQ) is split by expert (e % world_size == rank) and gathered (ExpertShare), so every rank
+  holds the same quantized block and carries the same activations into the next one. Rank 0 writes the
+  checkpoint and the progress folder; whether a block is reused from a killed run is agreed by all ranks.
+
+A killed rank's finished blocks survive for the rerun, and no half-written checkpoint is ever valid
+(the writer's atomic rename). Other calibrated methods are refused in one line, never run wrong.
 """
 from __future__ import annotations
 
@@ -86,24 +94,40 @@ def finish() -> None:
         dist.destroy_process_group()
 
 
+def calibrates(method: Any, todo: list[Any]) -> bool:
+    """Whether the run carries calibration calls block to block (the expert split) or not (the block split)."""
+    return bool(method.needs_calibration(todo))
+
+
 def check_supported(method: Any, todo: list[Any], calls: Any, env: DistEnv) -> None:
-    """Refuse (one line) what the rank split cannot run exactly."""
-    if calls is not None or method.needs_calibration(todo):
-        raise QuantkitError(f"method {method.name} calibrates block by block, which does not run across ranks "
-                            f"yet (WORLD_SIZE={env.world_size}); run it as a single process (without torchrun), "
-                            "or use a weight-only method without calibration (e.g. rtn, no static activations)")
+    """Refuse (one line) what the rank splits cannot run exactly."""
+    if calls is not None:
+        raise QuantkitError(f"--calib files do not run across ranks yet (WORLD_SIZE={env.world_size}); run without "
+                            "torchrun, or let the method build its calibration")
+    if calibrates(method, todo) and not getattr(method, "expert_parallel", False):
+        raise QuantkitError(f"method {method.name} calibrates block by block and has no expert split, so it does not "
+                            f"run across ranks (WORLD_SIZE={env.world_size}); run it as a single process (without "
+                            "torchrun); across ranks: duquant, eaquant, or a weight-only method without calibration")
     if not method.walk_resume:
         raise QuantkitError(f"method {method.name} cannot resume mid-walk, so its blocks cannot be split across "
                             "ranks; run it as a single process (without torchrun)")
 
 
 class PrepassStream:
-    """The BlockStream of a rank's share: materialize its blocks from the source shards, write nothing
-    (rank 0's final walk writes the checkpoint from the progress folder)."""
+    """The BlockStream of a rank that writes nothing: materialize blocks from the source shards and release
+    them (rank 0 writes the checkpoint: from the progress folder, or in its own walk of a calibrated run)."""
 
-    def __init__(self, loader: Any) -> None:
+    def __init__(self, loader: Any, block_names: list[str] | None = None) -> None:
         self.loader = loader
+        self.block_names = block_names or []
         self.entered: set[str] = set()
+        self._outside_loaded = False
+
+    def outside(self) -> None:
+        """Embeddings, norms, heads: where a calibrated walk's calls start (rank 0 checks their values)."""
+        if not self._outside_loaded:
+            self.loader.materialize([""], exclude=self.block_names)
+            self._outside_loaded = True
 
     def enter(self, name: str, module: nn.Module) -> None:
         for earlier in list(self.entered):  # one block at a time (the walk only hands back block i-1)
@@ -119,3 +143,52 @@ class PrepassStream:
         self.entered.discard(name)
         self.loader.release(name)
         release_freed_memory()
+
+
+class ExpertShare:
+    """A rank's part of every MoE layer's per-expert work in a calibrated walk (see the module docstring)."""
+
+    def __init__(self, env: DistEnv) -> None:
+        self.env = env
+
+    @property
+    def is_main(self) -> bool:
+        return self.env.is_main
+
+    def owns(self, expert: int) -> bool:
+        return expert % self.env.world_size == self.env.rank
+
+    def gather(self, mine: dict[int, Any], n: int) -> list[Any]:
+        """Every rank's {expert: result} joined into the list of all n results, on every rank. Results are
+        pickled tensors (torch's own object collectives): bits travel unchanged."""
+        import torch.distributed as dist
+
+        parts: list[Any] = [None] * self.env.world_size
+        dist.all_gather_object(parts, mine)
+        joined: dict[int, Any] = {}
+        for p in parts:
+            joined.update(p)
+        missing = [e for e in range(n) if e not in joined]
+        if missing:
+            raise QuantkitError(f"expert {missing[0]} was quantized by no rank (the ranks disagree on the layer)")
+        return [joined[e] for e in range(n)]
+
+    def all(self, flag: bool) -> bool:
+        """True on every rank when it is true on every rank (e.g. a block finished by a killed run)."""
+        import torch.distributed as dist
+
+        t = torch.tensor([1 if flag else 0], dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return bool(t.item())
+
+    def same(self, value: str, what: str) -> None:
+        """Stop on every rank, in one line, when the ranks hold different `value`s (e.g. calibration)."""
+        import torch.distributed as dist
+
+        got: list[Any] = [None] * self.env.world_size
+        dist.all_gather_object(got, value)
+        if len(set(got)) != 1:
+            raise QuantkitError(f"the ranks built different {what}; the split would not equal a single process")
+
+    def barrier(self) -> None:
+        barrier()

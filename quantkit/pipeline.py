@@ -94,7 +94,7 @@ def quantize_model(loaded: LoadedModel, recipe: Recipe, *, calib_prompts: str | 
                    calib_text: str | None = None, calib_steps: int | None = None, calls: list[CallArgs] | None = None,
                    progress: Progress | None = None, work_dir: str | Path | None = None,
                    stream: BlockStream | None = None, calib_memory: int | None = None,
-                   owns: Callable[[int], bool] | None = None) -> QuantizationResult:
+                   owns: Callable[[int], bool] | None = None, ranks: Any = None) -> QuantizationResult:
     """Quantize `loaded.root` in place by `recipe`; returns what was done.
 
     Calibration calls run once through the model, block by block (see quantkit.propagate). With
@@ -102,7 +102,10 @@ def quantize_model(loaded: LoadedModel, recipe: Recipe, *, calib_prompts: str | 
     released) once every call has passed them. With `work_dir`, each finished block is kept there and
     a rerun picks it up (see quantkit.walk_resume). With `calib_memory` (bytes), calibration activations
     above it wait on disk (see quantkit.spill). With `owns` (a rank's share, see quantkit.distributed),
-    only the units it accepts are quantized and kept in `work_dir`; the result then lists only those."""
+    only the units it accepts are quantized and kept in `work_dir`; the result then lists only those.
+    With `ranks` (quantkit.distributed.ExpertShare, every rank walking the same calibrated run), each MoE
+    layer's per-expert work is split across the ranks and gathered; only the main rank keeps blocks in
+    `work_dir`, and all ranks agree on which blocks a killed run finished."""
     t0 = time.time()
     root, adapter = loaded.root, loaded.adapter
     method = get_method(recipe.method, recipe)
@@ -144,7 +147,8 @@ def quantize_model(loaded: LoadedModel, recipe: Recipe, *, calib_prompts: str | 
     units = [(n, b) for (n, b), u in zip(blocks, is_unit) if u] + ([("", root)] if outside else [])
     if calls is not None:
         calls = [cast_call(c, model_dtype(root)) for c in calls]
-    store = WalkStore(work_dir, recipe, loaded, calls) if work_dir is not None and method.walk_resume else None
+    method.expert_share = ranks
+    store = _walk_store(work_dir, recipe, loaded, calls, ranks) if work_dir is not None and method.walk_resume else None
     done: dict[str, nn.Module] = {}
     if stream is not None and not method.supports_streaming:
         raise QuantkitError(f"method {recipe.method} cannot run on a streamed model; quantize with --no-stream")
@@ -191,13 +195,15 @@ def quantize_model(loaded: LoadedModel, recipe: Recipe, *, calib_prompts: str | 
             if progress:
                 progress(bname, unit_no, len(units))
             unit_no = unit_of[i] + 1  # (a rank's share skips the others' units)
-            q = store.load(unit_no - 1, bname, block) if store is not None else None
+            q = None
+            if store is not None and (ranks is None or ranks.all(store.has(unit_no - 1, bname))):
+                q = store.load(unit_no - 1, bname, block)
             if q is None:
                 q = _quantize_unit(method, bname, block, by_block, inputs, reached, root, calls, progress, work_dir,
                                    recipe.seed, unit_no - 1, fp_inputs)
                 for name, qmodule in q.items():
                     set_submodule(root, name, qmodule)
-                if store is not None:
+                if store is not None and (ranks is None or ranks.is_main):
                     store.save(unit_no - 1, bname, block, q, [t for t in by_block.get(bname, []) if not t.plan.skip],
                                method.checkpoint_extras())
             else:
@@ -256,6 +262,21 @@ def quantize_model(loaded: LoadedModel, recipe: Recipe, *, calib_prompts: str | 
     return QuantizationResult(layers, skipped, calibration, time.time() - t0, [n for n, _ in units], extras,
                               calibration_spill, block_seconds,
                               list(method.resumed_blocks))
+
+
+def _walk_store(work_dir: str | Path, recipe: Recipe, loaded: LoadedModel, calls: list[CallArgs] | None,
+                ranks: Any) -> WalkStore:
+    """The progress folder of this run. Across ranks: the same run on every rank (checked), opened by the
+    main rank first (it drops a different run's blocks), then by the others."""
+    if ranks is None:
+        return WalkStore(work_dir, recipe, loaded, calls)
+    from quantkit.walk_resume import run_fingerprint
+
+    fingerprint = run_fingerprint(recipe, loaded, calls)
+    ranks.same(fingerprint, "runs (recipe, model or calibration calls)")
+    store = WalkStore(work_dir, recipe, loaded, calls, fingerprint) if ranks.is_main else None
+    ranks.barrier()
+    return store if store is not None else WalkStore(work_dir, recipe, loaded, calls, fingerprint)
 
 
 def _stream_outside(stream: BlockStream) -> None:

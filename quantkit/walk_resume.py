@@ -93,11 +93,12 @@ def _atomic_write_json(path: Path, obj: Any) -> None:
 class WalkStore:
     """Finished blocks of this run (see the module docstring)."""
 
-    def __init__(self, work_dir: str | Path, recipe: Recipe, loaded: Any, calls: list[CallArgs] | None) -> None:
+    def __init__(self, work_dir: str | Path, recipe: Recipe, loaded: Any, calls: list[CallArgs] | None,
+                 fingerprint: str | None = None) -> None:
         self.dir = Path(work_dir) / "walk"
         self.root = loaded.root
         self.earlier: dict[str, Any] = {}  # method records of the blocks resumed so far
-        fp = run_fingerprint(recipe, loaded, calls)
+        fp = fingerprint or run_fingerprint(recipe, loaded, calls)
         run_file = self.dir / "run.json"
         if run_file.is_file():
             try:
@@ -132,6 +133,16 @@ class WalkStore:
         tied = _dedupe(block.state_dict())[1]  # tensors shared in memory (e.g. q/k/v's one rotation), re-tied on load
         _atomic_write_json(meta, {"block": bname, "layers": records, "extras": _merge(self.earlier, extras),
                                   "tied": tied})
+
+    def has(self, unit: int, bname: str) -> bool:
+        """Whether an earlier run finished this block (both files, the right block)."""
+        tens, meta_file = self._paths(unit)
+        if not meta_file.is_file() or not tens.is_file():
+            return False
+        try:
+            return json.loads(meta_file.read_text()).get("block") == bname
+        except json.JSONDecodeError:
+            return False
 
     def load(self, unit: int, bname: str, block: nn.Module) -> dict[str, nn.Module] | None:
         """The block's quantized modules from a finished earlier run, or None."""

@@ -1,4 +1,5 @@
-"""quantize under torchrun (2 ranks, gloo): the checkpoint equals the single-process one bit for bit."""
+"""quantize under torchrun (2 ranks, gloo): the checkpoint equals the single-process one bit for bit, for
+independent blocks (RTN) and for a calibrated MoE method whose experts are split across the ranks (EAQuant)."""
 from __future__ import annotations
 
 import os
@@ -34,9 +35,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(*args: str, entry: list[str] | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent), str(HERE), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1"}
+def _env(**extra: str) -> dict[str, str]:
+    # one thread per process: a matmul's reduction order may depend on the thread count, so the single-process
+    # reference of a calibrated run uses the ranks' count
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent), str(HERE), os.environ.get("PYTHONPATH", "")]),
+            "OMP_NUM_THREADS": "1", **extra}
+
+
+def torchrun(*args: str, entry: list[str] | None = None, **extra: str) -> subprocess.CompletedProcess:
+    env = _env(**extra)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
            "--master-port", str(_free_port()), *(entry or ["-m", "quantkit.cli"]), "quantize", *map(str, args)]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
@@ -90,9 +97,58 @@ def test_killed_rank_resumes_and_equals(moe8, tmp_path):
     _equal(tmp_path / "one", tmp_path / "two")
 
 
-def test_calibrated_method_is_refused_in_one_line(moe8, tmp_path):
-    p = torchrun(moe8, "--method", "eaquant", "--out", tmp_path / "two")
+def one_process(*args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "quantkit.cli", "quantize", *map(str, args)]
+    return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+
+
+# EAQuant at its paper defaults with a small calibration set: smoothing over every expert, router alignment,
+# calibration balance; each MoE layer's 8 experts split 4 + 4 across the ranks.
+EAQUANT = ["--recipe", "eaquant-w4a4-fast", "--calib-size", "4"]
+
+
+@pytest.mark.parametrize("flags", [["--no-stream"], ["--stream"]])
+def test_eaquant_experts_split_across_ranks_equal_one_process(flags, moe8, tmp_path):
+    args = [moe8, *EAQUANT, *flags]
+    r = one_process(*args, "--out", tmp_path / "one")
+    assert r.returncode == 0, r.stdout + r.stderr
+    p = torchrun(*args, "--out", tmp_path / "two")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "2 ranks" in p.stdout and "every rank walks the calibrated blocks" in p.stdout
+    _equal(tmp_path / "one", tmp_path / "two")  # smoothing folded into the norms, router alignment, experts
+    assert not list(tmp_path.glob(".two.*"))
+
+
+def test_expert_split_is_each_ranks_half(moe8, tmp_path):
+    """Each rank quantizes only its own experts: rank 1 is told to fail on any expert that is rank 0's."""
+    p = torchrun(moe8, *EAQUANT, "--out", tmp_path / "two", entry=[str(HERE / "dist_share_entry.py")])
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "rank 1 quantized experts [1, 3, 5, 7] of every layer" in p.stdout + p.stderr
+
+
+def test_killed_rank_of_a_calibrated_run_resumes_and_equals(moe8, tmp_path):
+    args = [moe8, *EAQUANT]
+    r = one_process(*args, "--out", tmp_path / "one")
+    assert r.returncode == 0, r.stdout + r.stderr
+    p = torchrun(*args, "--out", tmp_path / "two", entry=[str(HERE / "dist_kill_entry.py")],
+                 QK_KILL_METHOD="eaquant", QK_KILL_AT="2")
     assert p.returncode != 0
-    assert "does not run across ranks yet" in p.stdout + p.stderr
+    assert not (tmp_path / "two").exists()  # nothing half-written in place
+    kept = sorted(f.name for f in (tmp_path / ".two.progress" / "walk").glob("*.json") if f.name != "run.json")
+    # rank 0 kept block 0 before the ranks met in block 1; block 2 (where rank 1 died) was never finished
+    assert "00000.json" in kept and "00002.json" not in kept and "00003.json" not in kept
+    p = torchrun(*args, "--out", tmp_path / "two")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert f"({len(kept)} blocks reused from a killed run)" in " ".join(p.stdout.split())
+    _equal(tmp_path / "one", tmp_path / "two")
+
+
+def test_calibrated_method_without_expert_split_is_refused_in_one_line(moe8, tmp_path):
+    recipe = tmp_path / "static.yaml"  # RTN W8A8 with static activation ranges: calibrated, no expert split
+    recipe.write_text("method: rtn\nweight: {kind: int, bits: 8, symmetric: true, granularity: channel}\n"
+                      "activation: {kind: int, bits: 8, symmetric: true, granularity: tensor, dynamic: false}\n")
+    p = torchrun(moe8, "--recipe", recipe, "--out", tmp_path / "two")
+    assert p.returncode != 0
+    assert "has no expert split, so it does not run across ranks" in p.stdout + p.stderr
     assert "Traceback" not in p.stdout
     assert not (tmp_path / "two").exists()

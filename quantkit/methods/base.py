@@ -74,6 +74,10 @@ class Method:
     # The walk also carries the calls through the full-precision blocks and hands each block its FP
     # inputs (ctx.fp_inputs), for methods that reconstruct towards the FP block's output.
     needs_fp_inputs = False
+    # Under torchrun a calibrated walk may split each MoE layer's per-expert work across ranks
+    # (quantkit.distributed.ExpertShare, set as `expert_share` for the walk); methods that do say so.
+    expert_parallel = False
+    expert_share: Any = None
 
     def __init__(self, recipe: Recipe) -> None:
         self.recipe = recipe

@@ -108,6 +108,7 @@ class DuQuant(Method):
     """Options (recipe method_options) and defaults: see DEFAULTS."""
 
     defaults = DEFAULTS
+    expert_parallel = True  # quantize_experts splits its per-expert loop across ranks (ExpertShare)
     fits_on_data = True  # the rotation is searched on calibration inputs (a fixed rotation needs no mean-sample pass)
 
     @classmethod
@@ -356,19 +357,24 @@ class DuQuant(Method):
         if extra is not None:
             x = torch.cat([x, extra[0]])  # extra tokens are only ever selected for experts under target
         act_in, act_mid = make_act(t.plan.activation, "experts"), make_act(t.plan.activation, "experts")
-        q_gu, q_dn, r_in, r_mid = [], [], [], []
-        for e in track(range(n_exp), f"{t.name}: experts"):
+        share = self.expert_share  # under torchrun: this rank's experts; the others' come from their ranks
+        mine = [e for e in range(n_exp) if share is None or share.owns(e)]
+        done: dict[int, tuple] = {}
+        for e in track(mine, f"{t.name}: experts"):
             xe = x[sel[e]]
             p_in = self.fit(xe)
             xr, wr, rot = self._rotated(xe, gu[e], p_in)
-            q_gu.append(self.quantize_weight(wr, spec, act_in(xr) if act_in is not None else xr))
+            q_gu = self.quantize_weight(wr, spec, act_in(xr) if act_in is not None else xr)
             g, u = torch.nn.functional.linear(xe, gu[e]).chunk(2, dim=-1)
             h = m.act_fn(g) * u
             p_mid = self.fit(h)
             hr, wr, _ = self._rotated(h, dn[e], p_mid)
-            q_dn.append(self.quantize_weight(wr, spec, act_mid(hr) if act_mid is not None else hr))
-            r_in.append(p_in)
-            r_mid.append(p_mid)
+            q_dn = self.quantize_weight(wr, spec, act_mid(hr) if act_mid is not None else hr)
+            done[e] = (_codes(q_gu), _codes(q_dn), p_in, p_mid)
+        results = share.gather(done, n_exp) if share is not None else [done[e] for e in range(n_exp)]
+        q_gu = [QuantizedWeight(*r[0], tuple(gu.shape[1:]), spec) for r in results]
+        q_dn = [QuantizedWeight(*r[1], tuple(dn.shape[1:]), spec) for r in results]
+        r_in, r_mid = [r[2] for r in results], [r[3] for r in results]
         q = QuantExperts.from_experts(m, spec, act_in, act_mid, _stack(q_gu, tuple(gu.shape), spec),
                                       _stack(q_dn, tuple(dn.shape), spec))
         if self.opt["rotate"]:
@@ -377,6 +383,11 @@ class DuQuant(Method):
         q.calibration_info = info
         log.info("%s: tokens per expert %s (target %d)", t.name, info["expert_tokens"], info["token_target"])
         return q
+
+
+def _codes(q: QuantizedWeight) -> tuple:
+    """What another rank needs to rebuild `q` (the shape and format it knows already)."""
+    return q.packed, q.scale, q.zero
 
 
 def _stacked_rotation(parts: list[tuple], n_exp: int, k: int) -> OnlineRotation:
