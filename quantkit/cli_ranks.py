@@ -2,9 +2,9 @@
 checkpoint bit for bit).
 
 Independent blocks: every rank quantizes its share of the blocks into the progress folder, then rank 0
-runs the single-process command, which reuses them and writes the checkpoint. Calibrated MoE methods:
+runs the single-process command, which reuses them and writes the checkpoint. Calibrated methods:
 rank 0 runs the single-process command and the others walk beside it, each doing its share of every
-MoE layer's experts; rank 0 writes."""
+MoE layer's experts (duquant, eaquant) or of the calibration calls (rtn's static ranges); rank 0 writes."""
 from __future__ import annotations
 
 import contextlib
@@ -14,7 +14,7 @@ from typing import Optional
 
 from rich.console import Console
 
-from quantkit.distributed import DistEnv, ExpertShare, PrepassStream, barrier, calibrates, check_supported
+from quantkit.distributed import DistEnv, RankShare, PrepassStream, barrier, calibrates, check_supported
 from quantkit.errors import QuantkitError
 
 
@@ -48,7 +48,7 @@ def quantize_ranks(env: DistEnv, model: str, out: Path, rec, calib: Optional[Pat
         if calibrates(method, [t for t in tasks if not t.plan.skip]):
             if env.is_main:
                 loaded = loader = None  # rank 0 runs the single-process command, which loads its own
-            _expert_split(env, (loaded, loader), model, out, rec, calib_prompts, calib_text, calib_steps, resume,
+            _calibrated_split(env, (loaded, loader), model, out, rec, calib_prompts, calib_text, calib_steps, resume,
                           device, overwrite, max_shard_mb, say, json_path, dtype, stream, work_dir)
             return
         if env.is_main:
@@ -73,19 +73,24 @@ def quantize_ranks(env: DistEnv, model: str, out: Path, rec, calib: Optional[Pat
     barrier()  # the others exit once the checkpoint is in place
 
 
-def _expert_split(env: DistEnv, model_loaded: tuple, model: str, out: Path, rec, calib_prompts: Optional[Path],
+def _calibrated_split(env: DistEnv, model_loaded: tuple, model: str, out: Path, rec, calib_prompts: Optional[Path],
                   calib_text: Optional[Path], calib_steps: Optional[int], resume: bool, device: str, overwrite: bool,
                   max_shard_mb: int, say: Console, json_path: Optional[str], dtype: str, stream: Optional[bool],
                   work_dir: Path) -> None:
-    """A calibrated run with each MoE layer's experts split across ranks: rank 0 runs the single-process
-    command (it writes the checkpoint and the progress folder), the other ranks walk beside it."""
+    """A calibrated run with each MoE layer's experts, or the calibration calls, split across ranks: rank 0
+    runs the single-process command (it writes the checkpoint and the progress folder), the other ranks
+    walk beside it."""
     from quantkit.cli_quantize import quantize_locked
     from quantkit.pipeline import quantize_model
 
-    share = ExpertShare(env)
+    from quantkit.methods import get_method
+
+    share = RankShare(env)
     if env.is_main:
-        say.print(f"[bold]{env.world_size} ranks[/]: every rank walks the calibrated blocks, each quantizes its "
-                  "share of every MoE layer's experts; rank 0 writes the checkpoint", highlight=False)
+        split = ("each quantizes its share of every MoE layer's experts" if get_method(rec.method, rec).expert_parallel
+                 else "each carries its share of the calibration calls, statistics reduced")
+        say.print(f"[bold]{env.world_size} ranks[/]: every rank walks the calibrated blocks, {split}; rank 0 writes "
+                  "the checkpoint", highlight=False)
         quantize_locked(model, out, rec, None, calib_prompts, calib_text, calib_steps, resume, device, overwrite,
                         max_shard_mb, say, json_path, dtype, stream, None, ranks=share)
     else:

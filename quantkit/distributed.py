@@ -1,6 +1,6 @@
 """`quantkit quantize` under torchrun: the work of a run split across ranks.
 
-Two splits, both giving the single-process checkpoint bit for bit:
+Three splits, each giving the single-process checkpoint bit for bit:
 
 - Independent blocks (no calibration calls, e.g. RTN weight-only): each rank quantizes the blocks whose
   unit number is its own (unit % world_size == rank) into the run's progress folder
@@ -10,9 +10,14 @@ Two splits, both giving the single-process checkpoint bit for bit:
   every rank walks the blocks on the same calibration calls; what spans experts (smoothing statistics
   and their maximum over experts, router alignment, token counts) is computed on every rank from all the
   tokens, so it is exact, not a per-rank approximation; the per-expert work (rotation search, clipping
-  search or GPTQ) is split by expert (e % world_size == rank) and gathered (ExpertShare), so every rank
+  search or GPTQ) is split by expert (e % world_size == rank) and gathered (RankShare), so every rank
   holds the same quantized block and carries the same activations into the next one. Rank 0 writes the
   checkpoint and the progress folder; whether a block is reused from a killed run is agreed by all ranks.
+- Calibrated methods whose statistics are exact reductions over calls (RTN with static activation ranges:
+  a min and a max, `Method.data_parallel`): the calibration calls are split across ranks (call k on rank
+  k % world_size), each rank carries its calls through the blocks, and the observed ranges are reduced
+  (all-reduce of min and max, exact in any order) before the block is quantized. Each rank holds 1/N of
+  the activations and runs 1/N of the block forwards.
 
 A killed rank's finished blocks survive for the rerun, and no half-written checkpoint is ever valid
 (the writer's atomic rename). Other calibrated methods are refused in one line, never run wrong.
@@ -104,10 +109,10 @@ def check_supported(method: Any, todo: list[Any], calls: Any, env: DistEnv) -> N
     if calls is not None:
         raise QuantkitError(f"--calib files do not run across ranks yet (WORLD_SIZE={env.world_size}); run without "
                             "torchrun, or let the method build its calibration")
-    if calibrates(method, todo) and not getattr(method, "expert_parallel", False):
-        raise QuantkitError(f"method {method.name} calibrates block by block and has no expert split, so it does not "
-                            f"run across ranks (WORLD_SIZE={env.world_size}); run it as a single process (without "
-                            "torchrun); across ranks: duquant, eaquant, or a weight-only method without calibration")
+    if calibrates(method, todo) and not (method.expert_parallel or method.data_parallel):
+        raise QuantkitError(f"method {method.name} calibrates block by block and has no expert or data split, so it "
+                            f"does not run across ranks (WORLD_SIZE={env.world_size}); run it as a single process "
+                            "(without torchrun); across ranks: duquant, eaquant, rtn")
     if not method.walk_resume:
         raise QuantkitError(f"method {method.name} cannot resume mid-walk, so its blocks cannot be split across "
                             "ranks; run it as a single process (without torchrun)")
@@ -145,8 +150,9 @@ class PrepassStream:
         release_freed_memory()
 
 
-class ExpertShare:
-    """A rank's part of every MoE layer's per-expert work in a calibrated walk (see the module docstring)."""
+class RankShare:
+    """A rank's part of a calibrated walk: its experts of every MoE layer, or its calibration calls (see the
+    module docstring)."""
 
     def __init__(self, env: DistEnv) -> None:
         self.env = env
@@ -172,6 +178,19 @@ class ExpertShare:
         if missing:
             raise QuantkitError(f"expert {missing[0]} was quantized by no rank (the ranks disagree on the layer)")
         return [joined[e] for e in range(n)]
+
+    def calls_of(self, calls: list[Any]) -> list[Any]:
+        """This rank's calibration calls: call k on rank k % world_size."""
+        return calls[self.env.rank::self.env.world_size]
+
+    def widen(self, observed_min: torch.Tensor, observed_max: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The range every rank's calls cover together: min of the minima, max of the maxima (exact)."""
+        import torch.distributed as dist
+
+        lo, hi = observed_min.detach().clone().float(), observed_max.detach().clone().float()
+        dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+        dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+        return lo, hi
 
     def all(self, flag: bool) -> bool:
         """True on every rank when it is true on every rank (e.g. a block finished by a killed run)."""

@@ -103,9 +103,10 @@ def quantize_model(loaded: LoadedModel, recipe: Recipe, *, calib_prompts: str | 
     a rerun picks it up (see quantkit.walk_resume). With `calib_memory` (bytes), calibration activations
     above it wait on disk (see quantkit.spill). With `owns` (a rank's share, see quantkit.distributed),
     only the units it accepts are quantized and kept in `work_dir`; the result then lists only those.
-    With `ranks` (quantkit.distributed.ExpertShare, every rank walking the same calibrated run), each MoE
-    layer's per-expert work is split across the ranks and gathered; only the main rank keeps blocks in
-    `work_dir`, and all ranks agree on which blocks a killed run finished."""
+    With `ranks` (quantkit.distributed.RankShare, every rank walking the same calibrated run), each MoE
+    layer's per-expert work is split across the ranks and gathered (methods with expert_parallel), or each
+    rank carries only its share of the calls (methods with data_parallel); only the main rank keeps blocks
+    in `work_dir`, and all ranks agree on which blocks a killed run finished."""
     t0 = time.time()
     root, adapter = loaded.root, loaded.adapter
     method = get_method(recipe.method, recipe)
@@ -147,8 +148,10 @@ def quantize_model(loaded: LoadedModel, recipe: Recipe, *, calib_prompts: str | 
     units = [(n, b) for (n, b), u in zip(blocks, is_unit) if u] + ([("", root)] if outside else [])
     if calls is not None:
         calls = [cast_call(c, model_dtype(root)) for c in calls]
-    method.expert_share = ranks
+    method.ranks = ranks
     store = _walk_store(work_dir, recipe, loaded, calls, ranks) if work_dir is not None and method.walk_resume else None
+    if ranks is not None and calls is not None and method.data_parallel:
+        calls = ranks.calls_of(calls)  # (after the store: its fingerprint is the whole run's)
     done: dict[str, nn.Module] = {}
     if stream is not None and not method.supports_streaming:
         raise QuantkitError(f"method {recipe.method} cannot run on a streamed model; quantize with --no-stream")

@@ -7,17 +7,17 @@ import os
 import sys
 
 from quantkit.cli import app
-from quantkit.distributed import ExpertShare
+from quantkit.distributed import RankShare
 
 if os.environ.get("RANK") == "1":
-    original = ExpertShare.gather
+    original = RankShare.gather
     mine_per_layer: list[list[int]] = []
 
     def recording(self, mine, n):
         mine_per_layer.append(sorted(mine))
         return original(self, mine, n)
 
-    ExpertShare.gather = recording
+    RankShare.gather = recording
 
     @atexit.register
     def say() -> None:

@@ -143,12 +143,24 @@ def test_killed_rank_of_a_calibrated_run_resumes_and_equals(moe8, tmp_path):
     _equal(tmp_path / "one", tmp_path / "two")
 
 
-def test_calibrated_method_without_expert_split_is_refused_in_one_line(moe8, tmp_path):
-    recipe = tmp_path / "static.yaml"  # RTN W8A8 with static activation ranges: calibrated, no expert split
-    recipe.write_text("method: rtn\nweight: {kind: int, bits: 8, symmetric: true, granularity: channel}\n"
-                      "activation: {kind: int, bits: 8, symmetric: true, granularity: tensor, dynamic: false}\n")
-    p = torchrun(moe8, "--recipe", recipe, "--out", tmp_path / "two")
+STATIC_W8A8 = HERE.parent / "bench" / "recipes" / "rtn-static-w8a8.yaml"  # RTN with static activation ranges
+
+
+@pytest.mark.parametrize("which,flags", [("moe8", ["--stream"]), ("unet", ["--no-stream"])])
+def test_static_ranges_with_calls_split_across_ranks_equal_one_process(which, flags, moe8, unet, tmp_path):
+    src = moe8 if which == "moe8" else unet
+    args = [src, "--recipe", STATIC_W8A8, "--calib-size", "4", *flags]
+    r = one_process(*args, "--out", tmp_path / "one")
+    assert r.returncode == 0, r.stdout + r.stderr
+    p = torchrun(*args, "--out", tmp_path / "two")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "share of the calibration calls" in " ".join(p.stdout.split())
+    _equal(tmp_path / "one", tmp_path / "two")  # the static scales and zero points included
+
+
+def test_calibrated_method_without_a_split_is_refused_in_one_line(moe8, tmp_path):
+    p = torchrun(moe8, "--method", "flexround", "--out", tmp_path / "two")
     assert p.returncode != 0
-    assert "has no expert split, so it does not run across ranks" in p.stdout + p.stderr
+    assert "has no expert or data split, so it does not run across ranks" in " ".join((p.stdout + p.stderr).split())
     assert "Traceback" not in p.stdout
     assert not (tmp_path / "two").exists()

@@ -74,10 +74,12 @@ class Method:
     # The walk also carries the calls through the full-precision blocks and hands each block its FP
     # inputs (ctx.fp_inputs), for methods that reconstruct towards the FP block's output.
     needs_fp_inputs = False
-    # Under torchrun a calibrated walk may split each MoE layer's per-expert work across ranks
-    # (quantkit.distributed.ExpertShare, set as `expert_share` for the walk); methods that do say so.
+    # Under torchrun a calibrated walk may split each MoE layer's per-expert work across ranks, or the
+    # calibration calls with the statistics reduced (quantkit.distributed.RankShare, set as `ranks` for
+    # the walk); methods that do say which.
     expert_parallel = False
-    expert_share: Any = None
+    data_parallel = False
+    ranks: Any = None
 
     def __init__(self, recipe: Recipe) -> None:
         self.recipe = recipe

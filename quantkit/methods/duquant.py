@@ -108,7 +108,7 @@ class DuQuant(Method):
     """Options (recipe method_options) and defaults: see DEFAULTS."""
 
     defaults = DEFAULTS
-    expert_parallel = True  # quantize_experts splits its per-expert loop across ranks (ExpertShare)
+    expert_parallel = True  # quantize_experts splits its per-expert loop across ranks (RankShare)
     fits_on_data = True  # the rotation is searched on calibration inputs (a fixed rotation needs no mean-sample pass)
 
     @classmethod
@@ -357,7 +357,7 @@ class DuQuant(Method):
         if extra is not None:
             x = torch.cat([x, extra[0]])  # extra tokens are only ever selected for experts under target
         act_in, act_mid = make_act(t.plan.activation, "experts"), make_act(t.plan.activation, "experts")
-        share = self.expert_share  # under torchrun: this rank's experts; the others' come from their ranks
+        share = self.ranks  # under torchrun: this rank's experts; the others' come from their ranks
         mine = [e for e in range(n_exp) if share is None or share.owns(e)]
         done: dict[int, tuple] = {}
         for e in track(mine, f"{t.name}: experts"):

@@ -63,6 +63,8 @@ def apply_static_ranges(qmodule: nn.Module, observers: tuple[ActQuantizer, ...])
 
 @register("rtn")
 class RTN(Method):
+    data_parallel = True  # static ranges are a min and a max: exact when reduced across ranks' calls
+
     @classmethod
     def option_defaults(cls) -> dict:
         return {}  # min-max scales: nothing to tune
@@ -70,6 +72,10 @@ class RTN(Method):
     def quantize_block(self, ctx: BlockContext) -> dict[str, nn.Module]:
         tasks = [t for t in ctx.tasks if not t.plan.skip]
         observers = observe_ranges(ctx, tasks) if ctx.inputs is not None else {}
+        if self.ranks is not None:  # under torchrun each rank saw its share of the calls
+            for obs in observers.values():
+                for o in obs:
+                    o.observed_min, o.observed_max = self.ranks.widen(o.observed_min, o.observed_max)
         out = {}
         for t in tasks:
             q = build_quantized(t)
