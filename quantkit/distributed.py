@@ -134,6 +134,11 @@ class PrepassStream:
             self.loader.materialize([""], exclude=self.block_names)
             self._outside_loaded = True
 
+    def release_outside(self) -> None:
+        if self._outside_loaded:
+            self.loader.release_outside(self.block_names)
+            self._outside_loaded = False
+
     def enter(self, name: str, module: nn.Module) -> None:
         for earlier in list(self.entered):  # one block at a time (the walk only hands back block i-1)
             self.leave(earlier, module)

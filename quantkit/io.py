@@ -287,7 +287,10 @@ def _empty_root(folder: Path, kind: str, dtype: torch.dtype | None = None) -> nn
         cls = transformers_class(folder)
         cfg = AutoConfig.from_pretrained(folder)
         kw = {"dtype": dtype} if dtype is not None else {}
-        return cls.from_config(cfg, **kw) if hasattr(cls, "from_config") else cls._from_config(cfg, **kw)
+        root = cls.from_config(cfg, **kw) if hasattr(cls, "from_config") else cls._from_config(cfg, **kw)
+    if getattr(root.config, "tie_word_embeddings", False):
+        root.tie_weights()  # (outside init_empty_weights, where it has no effect): the hub stores a tied head once
+    return root
 
 
 def prepare_quantized_modules(root: nn.Module, layers: dict[str, Any], attention: dict[str, Any], where: Any) -> None:

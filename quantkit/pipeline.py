@@ -172,6 +172,7 @@ def quantize_model(loaded: LoadedModel, recipe: Recipe, *, calib_prompts: str | 
             raise QuantkitError("a rank's share of blocks needs independent blocks (no calibration) and a work_dir")
         walk = [(i, n, b) for i, n, b in walk if is_unit[i] and owns(unit_of[i])]
     unit_no = 0
+    give_back_outside = stream is not None and calls is not None and not adapter.outside_between_blocks
     block_seconds: dict[str, float] = {}
     try:
         for i, bname, block in walk:
@@ -179,6 +180,10 @@ def quantize_model(loaded: LoadedModel, recipe: Recipe, *, calib_prompts: str | 
             # Carry the calls up to block i (through block i-1) before block i is read: block i-1, its
             # dense dequantization and block i are never in memory together.
             inputs, reached = prop.advance(i) if prop is not None else (None, [])
+            if give_back_outside and i == walk[0][0] and fp_prop is None:
+                # Every call is past the embeddings and the head never runs (the calls stop at the last
+                # block): they are read again for the final write, not held beside every block.
+                _release_outside(stream)
             if stream is not None and i > 0:
                 stream.leave(*blocks[i - 1])
             if stream is not None:
@@ -193,6 +198,8 @@ def quantize_model(loaded: LoadedModel, recipe: Recipe, *, calib_prompts: str | 
                 nxt = next((j for j, _, _ in walk if j > i), None)
                 if nxt is not None:
                     fp_prop.advance(nxt)  # runs FP block i now, before it is quantized
+            if give_back_outside and i == walk[0][0] and fp_prop is not None:
+                _release_outside(stream)  # (both streams of calls are past the embeddings now)
             if not is_unit[i]:
                 continue
             if progress:
@@ -280,6 +287,12 @@ def _walk_store(work_dir: str | Path, recipe: Recipe, loaded: LoadedModel, calls
     store = WalkStore(work_dir, recipe, loaded, calls, fingerprint) if ranks.is_main else None
     ranks.barrier()
     return store if store is not None else WalkStore(work_dir, recipe, loaded, calls, fingerprint)
+
+
+def _release_outside(stream: BlockStream) -> None:
+    release = getattr(stream, "release_outside", None)
+    if release is not None:
+        release()
 
 
 def _stream_outside(stream: BlockStream) -> None:

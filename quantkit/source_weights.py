@@ -231,6 +231,33 @@ class ModuleLoader:
         mod = self.root.get_submodule(prefix) if prefix else self.root
         mod.to("meta")
 
+    def release_outside(self, blocks: list[str]) -> None:
+        """Hand back the tensors read from the source that lie outside `blocks` (embeddings, head, norms):
+        they become meta tensors again and a later materialize reads them anew (and ties a tied head
+        again). Tensors the model computes itself (e.g. rotary frequencies) are not in the source and stay."""
+        released: set[int] = set()
+        for key in self.targets:
+            if _owner(key, blocks) is None:
+                released.add(self._to_meta(key))
+        # a tied LM head is the embedding's tensor under a second name the source does not store
+        for key, t in list(self.root.named_parameters(remove_duplicate=False)):
+            if _owner(key, blocks) is None and not t.is_meta and t.data_ptr() in released:
+                self._to_meta(key)
+
+    def _to_meta(self, key: str) -> int:
+        """Replace one parameter or buffer by a meta tensor of its shape; returns the data pointer it had."""
+        path, _, leaf = key.rpartition(".")
+        mod = self.root.get_submodule(path) if path else self.root
+        if mod._parameters.get(leaf) is not None:
+            old = mod._parameters[leaf]
+            mod._parameters[leaf] = nn.Parameter(torch.empty_like(old, device="meta"), old.requires_grad)
+        elif mod._buffers.get(leaf) is not None:
+            old = mod._buffers[leaf]
+            mod._buffers[leaf] = torch.empty_like(old, device="meta")
+        else:
+            return 0
+        return old.data_ptr()
+
 
 def _is_transformers(root: nn.Module) -> bool:
     try:

@@ -221,6 +221,13 @@ class StreamSession:
         check_finite(self.loaded.root.state_dict().items(), str(self.loaded.path))  # (blocks: as they come)
         self._outside_loaded = True
 
+    def release_outside(self) -> None:
+        """Give the parts outside blocks back (read again when next needed, e.g. by the final write)."""
+        if self._outside_loaded:
+            self.loader.release_outside(self.block_names)
+            self._outside_loaded = False
+            release_freed_memory()
+
     def enter(self, name: str, module: nn.Module) -> None:
         from quantkit.source_check import check_finite
 

@@ -19,14 +19,14 @@ STATIC_W8A8 = {"weight": {"kind": "int", "bits": 8},
                               "dynamic": False}, "calib_size": 3}
 
 
-def make_olmoe(out: Path, layers: int = 3, hidden: int = 128, shard: str = "300KB") -> Path:
+def make_olmoe(out: Path, layers: int = 3, hidden: int = 128, shard: str = "300KB", tied: bool = False) -> Path:
     """A bf16 OLMoE saved as the hub does: per-expert tensor names, several shards and an index."""
     from transformers import OlmoeConfig, OlmoeForCausalLM
 
     torch.manual_seed(0)
     cfg = OlmoeConfig(vocab_size=256, hidden_size=hidden, intermediate_size=hidden, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=4, num_experts=4, num_experts_per_tok=2,
-                      max_position_embeddings=128, tie_word_embeddings=False, eos_token_id=1, pad_token_id=0)
+                      max_position_embeddings=128, tie_word_embeddings=tied, eos_token_id=1, pad_token_id=0)
     OlmoeForCausalLM(cfg).to(torch.bfloat16).save_pretrained(out, max_shard_size=shard)
     return out
 
@@ -130,6 +130,37 @@ def test_streaming_memory_is_one_block(tmp_path):
     assert len(peaks) == 8 and all(outside_meta)
     assert max(peaks) < 0.5 * whole, (max(peaks), whole)
     assert max(peaks) < 4 * block + (1 << 20)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_calibrating_walk_gives_embeddings_and_head_back(tied, tmp_path):
+    """A decoder's embeddings run before the first block and its head after the last: once the calibration
+    calls reach block 0 they are given back (read again for the final write), so no block is quantized beside
+    them; the checkpoint equals the whole-model load's."""
+    from quantkit.streaming import StreamSession
+
+    src = make_olmoe(tmp_path / "src", tied=tied)
+    rec = Recipe.from_dict(STATIC_W8A8)
+    outside_meta: list[bool] = []
+    enter = StreamSession.enter
+
+    def spy(self, name, module):
+        enter(self, name, module)
+        root = self.loaded.root
+        outside_meta.append(root.model.embed_tokens.weight.is_meta and root.lm_head.weight.is_meta)
+
+    StreamSession.enter = spy
+    try:
+        quantize_streaming(str(src), rec, tmp_path / "streamed")
+    finally:
+        StreamSession.enter = enter
+    assert outside_meta == [True] * 3
+    loaded = load_model(str(src))
+    save_checkpoint(loaded, rec, quantize_model(loaded, rec), tmp_path / "whole")
+    a, ma = tensors(tmp_path / "whole")
+    b, mb = tensors(tmp_path / "streamed")
+    assert a and not same_bits(a, b) and comparable(ma) == comparable(mb)
+    assert torch.equal(b["lm_head.weight"], b["model.embed_tokens.weight"]) is tied  # the head read back as tied
 
 
 def _count_block_calls(root, adapter) -> tuple[list[int], list]:

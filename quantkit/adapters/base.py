@@ -77,6 +77,10 @@ class ModelAdapter:
     name = "base"
     kind = "model"  # "diffusion" or "lm"
     unbatched_inputs: tuple[str, ...] = ()  # root kwargs shared by every row of a call (see UNBATCHED_INPUTS)
+    # Whether parts outside the blocks run between blocks (a UNet's down- and up-samplers). When they do
+    # not (a decoder stack: embeddings before the first block, final norm and head after the last), a
+    # streamed calibration walk gives them back once the calls reach the first block.
+    outside_between_blocks = True
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -53,6 +53,7 @@ MLP_INPUTS = ("gate_proj", "up_proj")
 class CausalLMAdapter(ModelAdapter):
     name = "transformers-causal-lm"
     kind = "lm"
+    outside_between_blocks = False  # embeddings before the first decoder layer; final norm and head after the last
 
     @classmethod
     def matches(cls, root: nn.Module) -> bool:
