@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import threading
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -93,37 +91,12 @@ class SourceWeights:
                 raise QuantkitError(f"cannot read tensors of {f}: {str(e).splitlines()[0]}") from None
         return out
 
-    def prefetch(self, keys: list[str]) -> None:
-        """Start reading `keys`' bytes into the page cache without waiting (posix_fadvise WILLNEED from a
-        background thread), so the next block's file pages arrive while this one is quantized. Page cache
-        is not the process's memory; the read that follows copies from it instead of waiting on the disk."""
-        if not hasattr(os, "posix_fadvise") or not keys:
-            return
-        by_file: dict[Path, list[str]] = {}
-        for k in keys:
-            by_file.setdefault(self.where[k], []).append(k)
-        threading.Thread(target=_advise_will_need, args=(by_file,), daemon=True).start()
-
     def dtype(self) -> torch.dtype:
         """The checkpoint's floating dtype (the most common one among its tensors)."""
         counts = Counter(d for d in self.dtypes.values() if d is not None)
         if not counts:
             raise QuantkitError(f"{self.folder} holds no floating-point tensors")
         return counts.most_common(1)[0][0]
-
-
-def _advise_will_need(by_file: dict[Path, list[str]]) -> None:
-    for f, keys in by_file.items():
-        try:
-            with open(f, "rb") as h:
-                n = int.from_bytes(h.read(8), "little")
-                header = json.loads(h.read(n))
-                for k in keys:  # data_offsets count from the end of the header
-                    begin, end = header[k]["data_offsets"]
-                    os.posix_fadvise(h.fileno(), 8 + n + begin, end - begin, os.POSIX_FADV_WILLNEED)
-        except (OSError, ValueError, KeyError) as e:  # an optimization only: the read itself reports real errors
-            log.debug("prefetch of %s skipped: %s", f, e)
-            return
 
 
 def _owner(key: str, prefixes: list[str]) -> str | None:
@@ -252,10 +225,6 @@ class ModuleLoader:
                     mapped = t.data
                     t.data = mapped.clone()
                     release_pages(mapped)
-
-    def prefetch(self, prefixes: list[str]) -> None:
-        """Start reading the source tensors of `prefixes` into the page cache (see SourceWeights.prefetch)."""
-        self.source.prefetch([k for t, ks in self.targets.items() if _owner(t, prefixes) is not None for k in ks])
 
     def release(self, prefix: str) -> None:
         """Hand a module's memory back: its tensors become meta tensors again."""

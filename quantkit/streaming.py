@@ -232,9 +232,6 @@ class StreamSession:
         from quantkit.source_check import check_finite
 
         self.loader.materialize([name])
-        later = self.block_names.index(name) + 1 if name in self.block_names else len(self.block_names)
-        if later < len(self.block_names):  # the next block's bytes come off the disk while this one is quantized
-            self.loader.prefetch([self.block_names[later]])
         check_finite(module.state_dict(prefix=f"{name}.").items(), str(self.loaded.path))
         release_freed_memory()  # the conversion's temporaries
         nbytes = sum(t.numel() * t.element_size() for t in module.state_dict().values())

@@ -432,35 +432,3 @@ def test_pages_of_a_copied_mapped_tensor_are_given_back(tmp_path):
         dropped = before - resident()
         assert dropped > 0.8 * ref.numel() * 4, dropped
         assert torch.equal(view, ref) and torch.equal(own, ref)
-
-
-def test_prefetch_asks_for_exactly_the_next_blocks_bytes(tmp_path, monkeypatch):
-    """While a block is quantized the next one's bytes are requested from the disk (posix_fadvise): the
-    ranges asked for are the stored bytes of exactly that block's tensors."""
-    import os
-
-    from safetensors import safe_open
-
-    from quantkit.source_weights import SourceWeights, _advise_will_need
-
-    src = make_olmoe(tmp_path / "src")
-    asked: list[tuple[str, int, int]] = []
-    monkeypatch.setattr(os, "posix_fadvise", lambda fd, off, n, advice: asked.append((os.readlink(
-        f"/proc/self/fd/{fd}"), off, n)))
-    weights = SourceWeights(src)
-    keys = [k for k in weights.where if k.startswith("model.layers.1.")]
-    by_file: dict = {}
-    for k in keys:
-        by_file.setdefault(weights.where[k], []).append(k)
-    _advise_will_need(by_file)  # (what SourceWeights.prefetch runs in its thread)
-    assert len(asked) == len(keys)
-    got = []
-    for path, off, n in asked:
-        with open(path, "rb") as h:
-            h.seek(off)
-            got.append(h.read(n))
-    want = []
-    for f, ks in by_file.items():
-        with safe_open(str(f), "pt") as h:
-            want += [h.get_tensor(k).contiguous().view(torch.uint8).numpy().tobytes() for k in ks]
-    assert sorted(got) == sorted(want)
