@@ -14,7 +14,7 @@ from typing import Optional
 
 from rich.console import Console
 
-from quantkit.distributed import DistEnv, RankShare, PrepassStream, barrier, calibrates, check_supported
+from quantkit.distributed import DistEnv, PrepassStream, RankShare, barrier, calibrates, check_supported
 from quantkit.errors import QuantkitError
 
 
@@ -48,8 +48,8 @@ def quantize_ranks(env: DistEnv, model: str, out: Path, rec, calib: Optional[Pat
         if calibrates(method, [t for t in tasks if not t.plan.skip]):
             if env.is_main:
                 loaded = loader = None  # rank 0 runs the single-process command, which loads its own
-            _calibrated_split(env, (loaded, loader), model, out, rec, calib_prompts, calib_text, calib_steps, resume,
-                          device, overwrite, max_shard_mb, say, json_path, dtype, stream, work_dir)
+            _calibrated_split(env, (loaded, loader), model, out, rec, calib_prompts, calib_text, calib_steps,
+                              resume, device, overwrite, max_shard_mb, say, json_path, dtype, stream, work_dir)
             return
         if env.is_main:
             if not resume:
@@ -74,16 +74,15 @@ def quantize_ranks(env: DistEnv, model: str, out: Path, rec, calib: Optional[Pat
 
 
 def _calibrated_split(env: DistEnv, model_loaded: tuple, model: str, out: Path, rec, calib_prompts: Optional[Path],
-                  calib_text: Optional[Path], calib_steps: Optional[int], resume: bool, device: str, overwrite: bool,
-                  max_shard_mb: int, say: Console, json_path: Optional[str], dtype: str, stream: Optional[bool],
-                  work_dir: Path) -> None:
+                      calib_text: Optional[Path], calib_steps: Optional[int], resume: bool, device: str,
+                      overwrite: bool, max_shard_mb: int, say: Console, json_path: Optional[str], dtype: str,
+                      stream: Optional[bool], work_dir: Path) -> None:
     """A calibrated run with each MoE layer's experts, or the calibration calls, split across ranks: rank 0
     runs the single-process command (it writes the checkpoint and the progress folder), the other ranks
     walk beside it."""
     from quantkit.cli_quantize import quantize_locked
-    from quantkit.pipeline import quantize_model
-
     from quantkit.methods import get_method
+    from quantkit.pipeline import quantize_model
 
     share = RankShare(env)
     if env.is_main:

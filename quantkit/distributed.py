@@ -100,7 +100,7 @@ def finish() -> None:
 
 
 def calibrates(method: Any, todo: list[Any]) -> bool:
-    """Whether the run carries calibration calls block to block (the expert split) or not (the block split)."""
+    """Whether the run carries calibration calls block to block (the expert or call split) or not (the block split)."""
     return bool(method.needs_calibration(todo))
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import cli, one_line_error
+from helpers import cli
 from test_streaming import comparable, make_unet, same_bits, tensors
 
 HERE = Path(__file__).parent
