@@ -102,32 +102,39 @@ def one_process(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
 
 
-# EAQuant at its paper defaults with a small calibration set: smoothing over every expert, router alignment,
-# calibration balance; each MoE layer's 8 experts split 4 + 4 across the ranks.
-EAQUANT = ["--recipe", "eaquant-w4a4-fast", "--calib-size", "4"]
+@pytest.fixture(scope="module")
+def eaquant(tmp_path_factory) -> list:
+    """EAQuant W4A4 as eaquant-w4a4-fast (smoothing over the router and every expert, router alignment, "more
+    data" balance, rotations), made small for CI: 4 calibration windows of 32 tokens, 8 rotation steps. Each MoE
+    layer's 8 experts split 4 + 4 across the ranks."""
+    import json
+
+    from quantkit.config import Recipe
+
+    rec = Recipe.load("eaquant-w4a4-fast").to_dict()
+    rec["calib_size"] = 4
+    rec["method_options"] = {**rec["method_options"], "steps": 8, "calib_seq_len": 32}
+    path = tmp_path_factory.mktemp("recipe") / "eaquant-small.yaml"
+    path.write_text(json.dumps(rec))  # (JSON is YAML)
+    return ["--recipe", path]
 
 
 @pytest.mark.parametrize("flags", [["--no-stream"], ["--stream"]])
-def test_eaquant_experts_split_across_ranks_equal_one_process(flags, moe8, tmp_path):
-    args = [moe8, *EAQUANT, *flags]
+def test_eaquant_experts_split_across_ranks_equal_one_process(flags, moe8, eaquant, tmp_path):
+    args = [moe8, *eaquant, *flags]
     r = one_process(*args, "--out", tmp_path / "one")
     assert r.returncode == 0, r.stdout + r.stderr
-    p = torchrun(*args, "--out", tmp_path / "two")
+    # (the quantize command, with rank 1 recording which experts it quantized itself)
+    p = torchrun(*args, "--out", tmp_path / "two", entry=[str(HERE / "dist_share_entry.py")])
     assert p.returncode == 0, p.stdout + p.stderr
     assert "2 ranks" in p.stdout and "every rank walks the calibrated blocks" in p.stdout
+    assert "rank 1 quantized experts [1, 3, 5, 7] of every layer (4 layers)" in p.stdout  # its half, no more
     _equal(tmp_path / "one", tmp_path / "two")  # smoothing folded into the norms, router alignment, experts
     assert not list(tmp_path.glob(".two.*"))
 
 
-def test_expert_split_is_each_ranks_half(moe8, tmp_path):
-    """Each rank quantizes only its own experts: rank 1 is told to fail on any expert that is rank 0's."""
-    p = torchrun(moe8, *EAQUANT, "--out", tmp_path / "two", entry=[str(HERE / "dist_share_entry.py")])
-    assert p.returncode == 0, p.stdout + p.stderr
-    assert "rank 1 quantized experts [1, 3, 5, 7] of every layer" in p.stdout + p.stderr
-
-
-def test_killed_rank_of_a_calibrated_run_resumes_and_equals(moe8, tmp_path):
-    args = [moe8, *EAQUANT]
+def test_killed_rank_of_a_calibrated_run_resumes_and_equals(moe8, eaquant, tmp_path):
+    args = [moe8, *eaquant]
     r = one_process(*args, "--out", tmp_path / "one")
     assert r.returncode == 0, r.stdout + r.stderr
     p = torchrun(*args, "--out", tmp_path / "two", entry=[str(HERE / "dist_kill_entry.py")],
