@@ -192,16 +192,17 @@ class RankShare:
         """The range every rank's calls cover together: min of the minima, max of the maxima (exact)."""
         import torch.distributed as dist
 
-        lo, hi = observed_min.detach().clone().float(), observed_max.detach().clone().float()
+        lo = observed_min.detach().float().to(self._device(), copy=True)
+        hi = observed_max.detach().float().to(self._device(), copy=True)
         dist.all_reduce(lo, op=dist.ReduceOp.MIN)
         dist.all_reduce(hi, op=dist.ReduceOp.MAX)
-        return lo, hi
+        return lo.to(observed_min.device), hi.to(observed_max.device)
 
     def all(self, flag: bool) -> bool:
         """True on every rank when it is true on every rank (e.g. a block finished by a killed run)."""
         import torch.distributed as dist
 
-        t = torch.tensor([1 if flag else 0], dtype=torch.int64)
+        t = torch.tensor([1 if flag else 0], dtype=torch.int64, device=self._device())
         dist.all_reduce(t, op=dist.ReduceOp.MIN)
         return bool(t.item())
 
@@ -216,3 +217,10 @@ class RankShare:
 
     def barrier(self) -> None:
         barrier()
+
+    @staticmethod
+    def _device() -> torch.device:
+        """Where collective tensors live: NCCL reduces CUDA tensors only, gloo CPU ones."""
+        import torch.distributed as dist
+
+        return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
