@@ -14,7 +14,7 @@ from typing import Optional
 
 from rich.console import Console
 
-from quantkit.distributed import DistEnv, PrepassStream, RankShare, barrier, calibrates, check_supported
+from quantkit.distributed import DistEnv, PrepassStream, RankShare, barrier, check_supported
 from quantkit.errors import QuantkitError
 
 
@@ -44,8 +44,9 @@ def quantize_ranks(env: DistEnv, model: str, out: Path, rec, calib: Optional[Pat
             held.enter_context(output_lock(out))
         loaded, loader, tasks = load_and_plan(model, rec, method, stream, device, dtype, calib, calib_prompts,
                                               calib_text, calib_steps)
-        check_supported(method, [t for t in tasks if not t.plan.skip], None, env)
-        if calibrates(method, [t for t in tasks if not t.plan.skip]):
+        todo = [t for t in tasks if not t.plan.skip]
+        check_supported(method, todo, env)
+        if method.needs_calibration(todo):
             if env.is_main:
                 loaded = loader = None  # rank 0 runs the single-process command, which loads its own
             _calibrated_split(env, (loaded, loader), model, out, rec, calib_prompts, calib_text, calib_steps,

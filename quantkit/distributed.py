@@ -99,17 +99,9 @@ def finish() -> None:
         dist.destroy_process_group()
 
 
-def calibrates(method: Any, todo: list[Any]) -> bool:
-    """Whether the run carries calibration calls block to block (the expert or call split) or not (the block split)."""
-    return bool(method.needs_calibration(todo))
-
-
-def check_supported(method: Any, todo: list[Any], calls: Any, env: DistEnv) -> None:
-    """Refuse (one line) what the rank splits cannot run exactly."""
-    if calls is not None:
-        raise QuantkitError(f"--calib files do not run across ranks yet (WORLD_SIZE={env.world_size}); run without "
-                            "torchrun, or let the method build its calibration")
-    if calibrates(method, todo) and not (method.expert_parallel or method.data_parallel):
+def check_supported(method: Any, todo: list[Any], env: DistEnv) -> None:
+    """Refuse (one line) what the rank splits cannot run exactly (`--calib` files are refused before loading)."""
+    if method.needs_calibration(todo) and not (method.expert_parallel or method.data_parallel):
         raise QuantkitError(f"method {method.name} calibrates block by block and has no expert or data split, so it "
                             f"does not run across ranks (WORLD_SIZE={env.world_size}); run it as a single process "
                             "(without torchrun); across ranks: duquant, eaquant, rtn")
