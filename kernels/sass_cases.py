@@ -32,6 +32,8 @@ class Case:
 
         if self.kernel == "packed_moe":
             from quantkit.kernels.packed_moe import _packed_moe_kernel as fn
+        elif self.kernel == "moe_align":
+            from quantkit.kernels.moe_align import _moe_align_kernel as fn
         elif self.kernel == "moe":
             from quantkit.kernels.moe import _moe_gemm_kernel as fn
         elif self.kernel == "packed_gemv":
@@ -121,9 +123,24 @@ def aq_cases() -> list[Case]:
                                        aq_case("w4a4-mxfp4", 4, 32, 32, True, t))]
 
 
+def _packed_moe_args(n: int, k: int, e: int, tile: TileConfig, split_k: int, down: bool) -> dict:
+    """Arguments of one packed MoE launch, W4A16 g128: gate/up (SwiGLU epilogue, n = I of a [2I, k] weight)
+    or down (routing weight, atomic fp32 scatter)."""
+    wn = n if down else 2 * n
+    return dict(a_ptr="*fp16", w_ptr="*i32", s_ptr="*fp16", z_ptr="*fp16", b_ptr="*fp16", rw_ptr="*fp32",
+                out_ptr="*fp32" if down else "*fp16", a_rows_ptr="*i32", c_rows_ptr="*i32", blk_expert_ptr="*i32",
+                blk_start_ptr="*i32", blk_end_ptr="*i32", N=n, K=k, E=e, n_blocks=k // 128, stride_am=k,
+                stride_we=k // 8 * wn, stride_se=k // 128 * wn, stride_be=wn, stride_om=n, BITS=_c(4),
+                GROUP=_c(128), IS_MX=_c(False), HAS_ZERO=_c(False), SYM_OFFSET=_c(8), HAS_BIAS=_c(False),
+                HAS_ROW_WEIGHT=_c(down), ATOMIC_OUT=_c(down), SPLIT_K=_c(split_k), USE_ASM=_c(False),
+                A_SORTED=_c(down), C_SORTED=_c(not down), SILU_GLU=_c(not down), BLOCK_M=_c(tile.block_m),
+                BLOCK_N=_c(tile.block_n), EVEN_N=_c(n % tile.block_n == 0))
+
+
 def moe_cases() -> list[Case]:
-    """Fused MoE, W4A16 g128, Mixtral down projection (N = 4096, K = 14336): packed vs byte layout, decode
-    (16-row) and prefill (64-row) tiles; the down launch with its atomic fp32 scatter."""
+    """Fused MoE, W4A16 g128, Mixtral shapes (H = 4096, I = 14336): the down projection, packed vs byte layout,
+    decode (16-row) and prefill (64-row) tiles, with its atomic fp32 scatter; the packed gate/up with the
+    SwiGLU epilogue (two K loops per program, gate then up: the figures are one loop's); the one-launch token alignment (64 experts, top-8)."""
     from quantkit.kernels.moe import moe_tile
     from quantkit.kernels.packed_moe import packed_moe_tile
 
@@ -131,15 +148,12 @@ def moe_cases() -> list[Case]:
     out = []
     for pairs in (2, 4096):
         t = packed_moe_tile(pairs, e)
-        args = dict(a_ptr="*fp16", w_ptr="*i32", s_ptr="*fp16", z_ptr="*fp16", b_ptr="*fp16", rw_ptr="*fp32",
-                    out_ptr="*fp32", a_rows_ptr="*i32", c_rows_ptr="*i32", blk_expert_ptr="*i32",
-                    blk_start_ptr="*i32", blk_end_ptr="*i32", N=n, K=k, E=e, n_blocks=k // 128, stride_am=k,
-                    stride_we=k // 8 * n, stride_se=k // 128 * n, stride_be=n, stride_om=n, BITS=_c(4),
-                    GROUP=_c(128), IS_MX=_c(False), HAS_ZERO=_c(False), SYM_OFFSET=_c(8), HAS_BIAS=_c(False),
-                    HAS_ROW_WEIGHT=_c(True), ATOMIC_OUT=_c(True), SPLIT_K=_c(4 if pairs == 2 else 1),
-                    USE_ASM=_c(False), BLOCK_M=_c(t.block_m), BLOCK_N=_c(t.block_n), EVEN_N=_c(True))
-        out.append(Case(f"moe-packed int4-g128 fp16 {t.block_m}x{t.block_n} w{t.num_warps}s{t.num_stages}",
-                        "packed_moe", args, t, t.block_n * 128 // (32 * t.num_warps)))
+        tname = f"{t.block_m}x{t.block_n} w{t.num_warps}s{t.num_stages}"
+        out.append(Case(f"moe-packed down int4-g128 fp16 {tname}", "packed_moe",
+                        _packed_moe_args(n, k, e, t, 4 if pairs == 2 else 1, True), t,
+                        t.block_n * 128 // (32 * t.num_warps)))
+        out.append(Case(f"moe-packed gate/up+swiglu int4-g128 fp16 {tname}", "packed_moe",
+                        _packed_moe_args(k, n, e, t, 1, False), t, t.block_n * 128 // (32 * t.num_warps)))
         b = moe_tile(pairs, e)
         args = dict(a_ptr="*fp16", w_ptr="*u8", s_ptr="*fp16", z_ptr="*fp16", b_ptr="*fp16", rw_ptr="*fp32",
                     out_ptr="*fp32", a_rows_ptr="*i32", c_rows_ptr="*i32", blk_expert_ptr="*i32",
@@ -150,6 +164,11 @@ def moe_cases() -> list[Case]:
                     HAS_ROW_WEIGHT=_c(True), BLOCK_M=_c(b.block_m), BLOCK_N=_c(b.block_n), BLOCK_K=_c(b.block_k))
         out.append(Case(f"moe-byte int4-g128 fp16 {b.block_m}x{b.block_n}x{b.block_k} w{b.num_warps}s{b.num_stages}",
                         "moe", args, b, b.block_n * b.block_k // (32 * b.num_warps)))
+    align = dict(idx_ptr="*i64", wt_ptr="*fp16", order_ptr="*i32", token_ptr="*i32", rw_ptr="*fp32",
+                 blk_expert_ptr="*i32", blk_start_ptr="*i32", blk_end_ptr="*i32", P=8, E=64, NB=9, TOP_K=_c(8),
+                 BLOCK_M=_c(16), E_PAD=_c(128), CHUNK=_c(128), NB_CHUNK=_c(64), HAS_WEIGHT=_c(True))
+    out.append(Case("moe-align 64 experts top-8 (no weights: per_weight n/a)", "moe_align", align,
+                    TileConfig(0, 0, 0, num_warps=4, num_stages=1), 0))
     return out
 
 

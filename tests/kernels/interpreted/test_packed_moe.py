@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from quantkit import kernels
 from quantkit.formats import FormatSpec, QuantizedWeight
 from quantkit.kernels.configs import TileConfig
-from quantkit.kernels.packed_moe import qexperts_packed
+from quantkit.kernels.packed_moe import is_silu, qexperts_packed
 from quantkit.kernels.reference import qexperts_reference
 from quantkit.kernels.repack import repack
 
@@ -61,3 +61,25 @@ def test_many_tokens_per_expert_default_tile() -> None:
     x = torch.randn(t, h, dtype=torch.float16)
     y = kernels.qexperts(x, idx, w, gate_up, down, F.silu, backend="triton")  # dispatch: the packed kernel
     assert rel_err(y, qexperts_reference(x, idx, w, gate_up, down, F.silu)) < HALF_TOL
+
+
+@pytest.mark.parametrize("act_fn", [F.silu, F.gelu], ids=["swiglu-epilogue", "act-in-torch"])
+@pytest.mark.parametrize("fused_align", [True, False], ids=["align-1-launch", "align-torch"])
+def test_epilogue_and_alignment_paths(act_fn, fused_align: bool) -> None:
+    """SiLU runs inside the gate/up kernel (I = 96: a partial last N tile), any other act_fn in torch; both
+    alignments; gate/up biases go through the epilogue."""
+    e, h, inter, k, t = 5, 64, 96, 2, 7
+    assert is_silu(act_fn) == (act_fn is F.silu)
+    gate_up, down = _experts(FormatSpec(bits=4, symmetric=False, granularity="group", group_size=32), e, h, inter)
+    idx, w = _routing(t, e, k)
+    x = torch.randn(t, h, dtype=torch.float16)
+    gb, db = torch.randn(e, 2 * inter, dtype=torch.float16), torch.randn(e, h, dtype=torch.float16)
+    y = qexperts_packed(x, idx, w, repack(gate_up), repack(down), act_fn, gb, db, config=TileConfig(16, 64, 0),
+                        fused_align=fused_align)
+    assert rel_err(y, qexperts_reference(x, idx, w, gate_up, down, act_fn, None, None, gb, db)) < HALF_TOL
+
+
+def test_silu_modules_take_the_epilogue() -> None:
+    from transformers.activations import ACT2FN
+
+    assert is_silu(torch.nn.SiLU()) and is_silu(ACT2FN["silu"]) and not is_silu(ACT2FN["gelu"])
