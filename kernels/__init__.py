@@ -77,26 +77,28 @@ def qexperts(
     gate_up_bias: torch.Tensor | None = None,
     down_bias: torch.Tensor | None = None,
     backend: str = "auto",
+    gate_fn: ActFn | None = None,
 ) -> torch.Tensor:  # [T, H]
-    """Routed experts over 3-D quantized weights (see qexperts_reference for the contract)."""
+    """Routed experts over 3-D quantized weights (see qexperts_reference for the contract; gate_fn: a
+    layout's own [S, 2I] -> [S, I] step in place of act_fn(gate) * up)."""
     choice = choose_experts_kernel(hidden, gate_up, down, act_in, act_mid)
     used = pick_backend(choice, hidden.is_cuda, backend, f"experts in {gate_up.spec.short}")
     if used == "reference":
         if hidden.is_cuda and choice.kernel is None:
             log.debug("qexperts %s: reference (%s)", gate_up.spec.short, choice.reason)
         return qexperts_reference(hidden, top_k_index, top_k_weights, gate_up, down, act_fn, act_in, act_mid,
-                                  gate_up_bias, down_bias)
+                                  gate_up_bias, down_bias, gate_fn)
     from quantkit.kernels.repack import cached_repack, repack_problem
 
     if repack_problem(gate_up) is None and repack_problem(down) is None:
         from quantkit.kernels.packed_moe import qexperts_packed
 
         return qexperts_packed(hidden, top_k_index, top_k_weights, cached_repack(gate_up), cached_repack(down),
-                               act_fn, gate_up_bias, down_bias)
+                               act_fn, gate_up_bias, down_bias, gate_fn=gate_fn)
     from quantkit.kernels.moe import qexperts_triton
 
     return qexperts_triton(hidden, top_k_index, top_k_weights, gate_up, down, act_fn, None, None,
-                           gate_up_bias, down_bias)
+                           gate_up_bias, down_bias, gate_fn=gate_fn)
 
 
 __all__ = ["qlinear", "qexperts", "resolve_backend", "resolve_experts_backend", "triton_supports",

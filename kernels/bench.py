@@ -3,7 +3,8 @@
 For every kernel, shape, M and dtype: the kernel alone (CUDA-graph replay) and end to end (the eager
 call, Python dispatch included), each with L2 flushed before every run; against cuBLAS on the dense
 weight in the same dtype, torch's own int4 kernel (`torch._weight_int4pack_mm`, where this torch has
-it), and for MoE a padded grouped GEMM (one bmm per projection). Every quantized output is checked
+it), GemLite's W4A16 g128 layer where GemLite installs (its output checked against its codes first),
+and for MoE a padded grouped GEMM (one bmm per projection). Every quantized output is checked
 against its pure-torch reference on the GPU first; a mismatch is reported, not timed away.
 `--tune` also measures the packed kernel's tiles and the large-M crossover and saves them for this GPU.
 Without CUDA it exits with status 2 and one line.

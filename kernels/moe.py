@@ -16,7 +16,7 @@ import triton.language as tl
 from quantkit.formats.qweight import QuantizedWeight
 from quantkit.kernels.configs import TileConfig
 from quantkit.kernels.layout import WeightLayout, weight_layout
-from quantkit.kernels.reference import ActFn
+from quantkit.kernels.reference import ActFn, gate_and_up
 from quantkit.kernels.triton_common import dequant_tile, load_codes
 
 
@@ -132,6 +132,7 @@ def qexperts_triton(
     down_bias: torch.Tensor | None = None,  # [E, H]
     *,
     config: TileConfig | None = None,
+    gate_fn: ActFn | None = None,
 ) -> torch.Tensor:  # [T, H]
     """Routed experts in two grouped-GEMM launches; same contract as qexperts_reference (weight-only)."""
     if act_in is not None or act_mid is not None:
@@ -150,8 +151,7 @@ def qexperts_triton(
     # gate/up: gather token rows, write sorted rows [P, 2I]
     gu_out = torch.empty((p, gu.n), dtype=hidden.dtype, device=hidden.device)
     _launch(hidden, gu, gate_up_bias, None, gu_out, (order // k).to(torch.int32), sorted_pos, plan, config)
-    gate, up = gu_out.chunk(2, dim=-1)
-    mid = (act_fn(gate) * up).contiguous()  # [P, I]
+    mid = gate_and_up(gu_out, act_fn, gate_fn).contiguous()  # [P, I]
     # down: sorted rows in, routing weight in the epilogue, scatter to pair rows [T*k, H] in fp32
     pair_out = torch.zeros((t * k, h), dtype=torch.float32, device=hidden.device)
     row_weight = top_k_weights.reshape(-1).float()[order.long()]

@@ -5,10 +5,10 @@ that also gives each sorted pair its token row and routing weight; moe.moe_align
 ALIGN_MAX_PAIRS). Each program takes one BLOCK_M slice of one expert's pairs, one BLOCK_N slice of
 outputs and one K slice, and runs the packed MMA loop (packed_gemm._mma_k_loop: 16-byte word loads,
 magic-number dequantization, scales per group on the fp32 partials).
-- gate/up: with SiLU (SwiGLU, the usual act_fn) each program computes the same BLOCK_N columns of the
-  gate half and the up half and writes silu(gate) * up, [pairs, I] in sorted order: the [pairs, 2I]
-  intermediate and the torch activation launches are gone. Any other act_fn: [pairs, 2I] out, then
-  act_fn(gate) * up in torch.
+- gate/up: with SiLU (SwiGLU, the usual act_fn) and the decode tile, each program computes the same
+  BLOCK_N columns of the gate half and the up half and writes silu(gate) * up, [pairs, I] in sorted
+  order: the [pairs, 2I] intermediate and the torch activation launches are gone. Any other act_fn, or a layout's own gate
+  function (gpt-oss): [pairs, 2I] out, then act_fn(gate) * up or gate_fn in torch.
 - down: multiplies by the routing weight in its epilogue and adds fp32 atomically into the token's row
   of [T, H]: the k slots of a token and the K slices of a decode-sized down projection (split-K) meet
   there, no [T*k, H] partials and no torch reduction but the final cast.
@@ -26,7 +26,7 @@ from quantkit.kernels.configs import TileConfig
 from quantkit.kernels.moe import moe_align
 from quantkit.kernels.moe_align import ALIGN_MAX_PAIRS, moe_align_fused
 from quantkit.kernels.packed_gemm import RB, _mma_k_loop
-from quantkit.kernels.reference import ActFn
+from quantkit.kernels.reference import ActFn, gate_and_up
 from quantkit.kernels.repack import KernelWeight
 
 
@@ -148,6 +148,7 @@ def qexperts_packed(
     config: TileConfig | None = None,
     split_k: int | None = None,
     fused_align: bool | None = None,
+    gate_fn: ActFn | None = None,
 ) -> torch.Tensor:  # [T, H]
     """Routed experts in two grouped-GEMM launches; same contract as qexperts_reference (weight-only).
 
@@ -168,14 +169,15 @@ def qexperts_packed(
         plan = moe_align(top_k_index, n_experts, config.block_m)
         token_of = (plan["order"] // k).to(torch.int32)
         row_weight = top_k_weights.reshape(-1).float()[plan["order"].long()]
-    if is_silu(act_fn):  # SwiGLU in the gate/up epilogue: [P, I] straight out
+    if gate_fn is None and is_silu(act_fn) and config.block_m <= 16:  # SwiGLU in the gate/up epilogue
+        # (decode-sized tiles, where launches and the [P, 2I] round trip matter; the 64-row prefill tile with
+        # two K loops needs 255 registers on sm_90a, bench/sass.py, so prefill keeps the torch activation)
         mid = torch.empty((p, gate_up.n // 2), dtype=hidden.dtype, device=hidden.device)
         _launch(hidden, gate_up, gate_up_bias, None, mid, token_of, None, plan, config, 1, False, silu_glu=True)
     else:
         gu_out = torch.empty((p, gate_up.n), dtype=hidden.dtype, device=hidden.device)  # sorted pair rows
         _launch(hidden, gate_up, gate_up_bias, None, gu_out, token_of, None, plan, config, 1, False)
-        gate, up = gu_out.chunk(2, dim=-1)
-        mid = (act_fn(gate) * up).contiguous()  # [P, I]
+        mid = gate_and_up(gu_out, act_fn, gate_fn).contiguous()  # [P, I]
     if split_k is None:
         split_k = moe_split_k(p, n_experts, h, down.words.shape[1] // RB, num_sms(hidden.device), config)
     out = torch.zeros((t, h), dtype=torch.float32, device=hidden.device)

@@ -24,6 +24,7 @@ def _model_dtype(root: nn.Module) -> torch.dtype:
 def cuda_fallbacks(root: nn.Module, dtype: torch.dtype | None = None) -> dict[str, str]:
     """{layer name: why it dequantizes and calls torch on CUDA} for every quantized layer without a kernel."""
     from quantkit.nn import QuantConv2d, QuantExperts, QuantLinear
+    from quantkit.nn_experts import QuantParallelExperts
     from quantkit.quantizers.activation import ActQuantizer
 
     dtype = dtype or _model_dtype(root)
@@ -43,8 +44,13 @@ def cuda_fallbacks(root: nn.Module, dtype: torch.dtype | None = None) -> dict[st
             choice = choose_linear_kernel(x, qw, act, fused)  # the arguments forward() passes
             if choice.kernel is None:
                 out[name] = choice.reason
+        elif isinstance(mod, QuantParallelExperts):
+            out[name] = "parallel experts (JetMoE layout): one torch matmul per expert (no fused kernel)"
         elif isinstance(mod, QuantExperts):
             h = torch.empty(0, mod.hidden_dim, dtype=dtype, device=mod.gate_up_qweight.device)
+            if getattr(mod, "call", "routed") == "dense":
+                out[name] = "experts called densely on [E*T, H] inputs (Llama-4 layout): torch bmm (no fused kernel)"
+                continue
             if mod.rot_in is not None or mod.rot_mid is not None:
                 out[name] = "rotated experts run a per-expert Python loop (no fused kernel)"
                 continue

@@ -27,6 +27,14 @@ def qlinear_reference(
     return F.linear(x, qweight.dequantize(x.dtype), bias)
 
 
+def gate_and_up(gu: torch.Tensor, act_fn: ActFn, gate_fn: ActFn | None = None) -> torch.Tensor:
+    """[S, 2I] gate/up outputs -> [S, I]: gate_fn(gu), or act_fn(gate) * up of the chunked halves."""
+    if gate_fn is not None:
+        return gate_fn(gu)
+    gate, up = gu.chunk(2, dim=-1)
+    return act_fn(gate) * up
+
+
 def qexperts_reference(
     hidden: torch.Tensor,  # [T, H]
     top_k_index: torch.Tensor,  # [T, k]
@@ -38,8 +46,12 @@ def qexperts_reference(
     act_mid: ActFn | None = None,
     gate_up_bias: torch.Tensor | None = None,  # [E, 2I]
     down_bias: torch.Tensor | None = None,  # [E, H]
+    gate_fn: ActFn | None = None,
 ) -> torch.Tensor:  # [T, H]
-    """Routed SwiGLU-style experts: sum_k w_k * down_e(act(gate_e(x)) * up_e(x))."""
+    """Routed SwiGLU-style experts: sum_k w_k * down_e(act(gate_e(x)) * up_e(x)).
+
+    gate_fn: the layout's own [S, 2I] -> [S, I] step instead of act_fn(gate) * up (e.g. gpt-oss's
+    interleaved, clamped gate)."""
     out = torch.zeros_like(hidden)
     n_experts = gate_up.shape[0]
     # Dequantize all experts once when the weights keep a dense copy (then repeated calls are free);
@@ -58,8 +70,7 @@ def qexperts_reference(
         if act_in is not None:
             x = act_in(x)
         gu = F.linear(x, wg, None if gate_up_bias is None else gate_up_bias[e])
-        gate, up = gu.chunk(2, dim=-1)
-        h = act_fn(gate) * up
+        h = gate_and_up(gu, act_fn, gate_fn)
         if act_mid is not None:
             h = act_mid(h)
         y = F.linear(h, wd, None if down_bias is None else down_bias[e])

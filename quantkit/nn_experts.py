@@ -3,8 +3,9 @@
 Weights are always stored [E, N, K] (K, the input dimension, last: what the formats quantize along),
 whatever the source layout; scales are per expert. A standard layout (chunked gate/up, act_fn(gate) * up,
 routed call) becomes a plain `QuantExperts` and runs through quantkit's fused-experts kernels. The others:
-- `QuantExpertsCustom`: gpt-oss's interleaved gate/up with its own gate function and biases, Llama-4's dense
-  call on router-scaled [E*T, H] inputs; pure torch over the dequantized weights (which the module caches);
+- `QuantExpertsCustom`: gpt-oss's interleaved gate/up with its own gate function and biases (routed: the
+  fused-experts kernels with the layout's gate step between the two GEMMs), Llama-4's dense call on
+  router-scaled [E*T, H] inputs (pure torch over the dequantized weights; a warning at CUDA load says so);
 - `QuantParallelExperts`: JetMoE's one-weight-per-projection experts, called with per-expert token counts.
 """
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from quantkit import kernels
 from quantkit.adapters.experts import ExpertLayout, canonical_weights, classify_experts
 from quantkit.errors import QuantkitError
 from quantkit.formats.qweight import WEIGHT_SCALE_DTYPE, QuantizedWeight
@@ -69,21 +71,10 @@ class QuantExpertsCustom(QuantExperts):
             return self._dense(hidden_states)
         if top_k_index is None or top_k_weights is None:
             raise QuantkitError("routed experts need top_k_index and top_k_weights")
-        w_gu, w_dn = self._weights(hidden_states.dtype)
-        out = torch.zeros_like(hidden_states)
-        for e in torch.unique(top_k_index).tolist():
-            if not 0 <= e < self.num_experts:  # transformers marks masked-out slots with index E
-                continue
-            tok, slot = torch.where(top_k_index == e)
-            x = hidden_states[tok]
-            if self.act_in is not None:
-                x = self.act_in(x)
-            h = self._gate(F.linear(x, w_gu[e], None if self.gate_up_bias is None else self.gate_up_bias[e]))
-            if self.act_mid is not None:
-                h = self.act_mid(h)
-            y = F.linear(h, w_dn[e], None if self.down_bias is None else self.down_bias[e])
-            out.index_add_(0, tok, (y * top_k_weights[tok, slot, None]).to(out.dtype))
-        return out
+        # the fused-experts kernels (or their reference) with this layout's own gate step
+        return kernels.qexperts(hidden_states, top_k_index, top_k_weights, self.gate_up, self.down, self.act_fn,
+                                self.act_in, self.act_mid, self.gate_up_bias, self.down_bias, self.kernel_backend,
+                                gate_fn=self._gate)
 
     def _dense(self, hidden_states: torch.Tensor) -> torch.Tensor:  # [E*T, H] -> [E*T, H]
         w_gu, w_dn = self._weights(hidden_states.dtype)

@@ -94,3 +94,20 @@ def test_smoothing_folds_only_where_exact():
     assert len(adapter_for(mixtral).norm_consumers(mixtral.model.layers[0])) == 2
     assert adapter_for(qnext).norm_consumers(qnext.model.layers[1]) == []
     assert adapter_for(flex).norm_consumers(flex.model.layers[0]) == []
+
+
+def test_cuda_load_report_names_expert_layouts_without_a_fused_kernel(monkeypatch):
+    """Llama-4's dense call and JetMoE's parallel experts run torch matmuls on CUDA: the load report names
+    them; gpt-oss's routed experts run the fused kernels (its gate between the GEMMs), so they are not named."""
+    from quantkit.kernels.prepare import cuda_fallbacks
+    from quantkit.nn_experts import build_experts
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # device aside: the reasons must be about the layers
+    spec = FormatSpec(kind="int", bits=4, symmetric=True, granularity="channel")
+    found = {}
+    for family in ("gpt_oss", "llama4", "jetmoe"):
+        holder = nn.ModuleList(build_experts(m, spec, None, None) for m in _experts(build(family)))
+        found[family] = cuda_fallbacks(holder.half(), torch.float16)
+    assert found["gpt_oss"] == {}
+    assert found["llama4"] and all("dense" in r for r in found["llama4"].values())
+    assert found["jetmoe"] and all("parallel experts" in r for r in found["jetmoe"].values())

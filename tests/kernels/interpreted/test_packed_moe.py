@@ -83,3 +83,24 @@ def test_silu_modules_take_the_epilogue() -> None:
     from transformers.activations import ACT2FN
 
     assert is_silu(torch.nn.SiLU()) and is_silu(ACT2FN["silu"]) and not is_silu(ACT2FN["gelu"])
+
+
+def test_gpt_oss_experts_run_the_fused_kernel_with_their_own_gate() -> None:
+    """gpt-oss's interleaved, clamped gate (with expert biases) sits between the two packed GEMMs."""
+    from transformers import GptOssConfig
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
+
+    from quantkit.nn_experts import QuantExpertsCustom, build_experts
+
+    cfg = GptOssConfig(hidden_size=64, intermediate_size=64, num_local_experts=6, num_experts_per_tok=2)
+    src = GptOssExperts(cfg)
+    for p in src.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    q = build_experts(src, FormatSpec(bits=4, granularity="group", group_size=32), None, None).half()
+    assert isinstance(q, QuantExpertsCustom)
+    idx, w = _routing(9, 6, 2)
+    x = torch.randn(9, 64, dtype=torch.float16)
+    assert kernels.choose_experts_kernel(x, q.gate_up, q.down, None, None).kernel is not None
+    y = q(x, idx, w.half())
+    q.kernel_backend = "reference"
+    assert rel_err(y, q(x, idx, w.half())) < HALF_TOL
