@@ -2,7 +2,8 @@
 
 y = x @ dequant(W)^T + b, x fp16/bf16 [M, K], W as K-packed int32 words [KW, N] (N-contiguous:
 16-byte coalesced loads, streamed with evict_first). Each loop iteration takes one pack block
-(RB word rows = 32/bits chunks of RB contiguous k): chunk j is `(words >> j*bits) & mask`.
+(RB word rows = P chunks of RB contiguous k, P = 2 * (16 // bits)): chunk j is `(words >> q_j) & mask`,
+q_j = 16 * (j // H) + bits * (j % H) with H = 16 // bits codes per half word (j * bits for 2/4/8 bits).
 
 - GEMV (BLOCK_M <= 2, no tl.dot): codes become fp32 where they sit in the word, by a magic exponent
   (_gemv_chunk: one lop3 and one fadd give exact code - zero); x times that accumulates in a
@@ -46,10 +47,12 @@ def _load_words(ptrs, mask, EVEN_N: tl.constexpr):
 
 @triton.jit
 def _code_chunk(words, J: tl.constexpr, BITS: tl.constexpr):
-    """Codes [RB, BLOCK_N] int32 of chunk J of a [RB, BLOCK_N] word tile."""
-    if J == 0:
+    """Codes [RB, BLOCK_N] int32 of chunk J of a [RB, BLOCK_N] word tile (at bit q_J, repack.chunk_shifts)."""
+    H: tl.constexpr = 16 // BITS  # codes per half word
+    Q: tl.constexpr = 16 * (J // H) + BITS * (J % H)
+    if Q == 0:
         return words & ((1 << BITS) - 1)
-    return (words >> (J * BITS)) & ((1 << BITS) - 1)  # words are uint32: a logical shift
+    return (words >> Q) & ((1 << BITS) - 1)  # words are uint32: a logical shift
 
 
 @triton.jit
@@ -60,7 +63,8 @@ def _gemv_chunk(words, hi, zf, code_mask, J: tl.constexpr, BITS: tl.constexpr):
     mantissa bit p worth 1 (p + bits <= 16 < 23). Minus 2^(23-p) + zero it is code - zero. One lop3
     and one fadd per weight; the upper half word is shifted once per word (`hi`).
     """
-    Q: tl.constexpr = J * BITS
+    H: tl.constexpr = 16 // BITS  # codes per half word: none straddles the halves (repack.chunk_shifts)
+    Q: tl.constexpr = 16 * (J // H) + BITS * (J % H)
     PP: tl.constexpr = Q if Q < 16 else Q - 16
     if Q < 16:
         src = words
@@ -152,7 +156,7 @@ def _mma_k_loop(x_rows, mask_m, w_cols, s_ptr, z_ptr, N, K, b_begin, b_end, offs
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """fp32 [BLOCK_M, BLOCK_N] = rows x_rows [BLOCK_M, 1] (pointers) times pack blocks [b_begin, b_end) of
     the word columns w_cols [1, BLOCK_N], scales s_ptr / zeros z_ptr of one [G, N] weight."""
-    P: tl.constexpr = 32 // BITS  # chunks per pack block
+    P: tl.constexpr = 2 * (16 // BITS)  # chunks per pack block (repack.codes_per_word)
     KB: tl.constexpr = P * 16  # k per pack block (P * RB)
     MX_FIX: tl.constexpr = 16384.0 if IS_MX else 1.0  # MXFP4 values come out of _mx_chunk_fp16 scaled by 2^-14
     offs_r = tl.arange(0, RB)  # [RB]
@@ -248,7 +252,7 @@ def _packed_gemv_kernel(
     code_mask = 2^BITS - 1 arrives at run time on purpose: as a register it stays live across the
     loop; as an immediate, ptxas re-materialises it (a MOV) before every lop3.
     """
-    P: tl.constexpr = 32 // BITS
+    P: tl.constexpr = 2 * (16 // BITS)  # repack.codes_per_word
     KB: tl.constexpr = P * 16  # P * RB (a literal: constexpr arithmetic)
     MX_FIX: tl.constexpr = 16384.0 if IS_MX else 1.0
     HOIST: tl.constexpr = (GROUP == 0) or (GROUP % KB) == 0  # one zero/scale for the whole block

@@ -94,7 +94,8 @@ def _dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K,
                     BITS: tl.constexpr, GROUP: tl.constexpr, IS_MX: tl.constexpr, HAS_ZERO: tl.constexpr,
                     SYM_OFFSET: tl.constexpr, BLOCK_N: tl.constexpr):
     """Dense W^T [K, N] in out's dtype from one pack block per program (rounded like dequantize())."""
-    P: tl.constexpr = 32 // BITS
+    P: tl.constexpr = 2 * (16 // BITS)  # repack.codes_per_word
+    H: tl.constexpr = 16 // BITS
     blk = tl.program_id(0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, RB)
@@ -103,7 +104,7 @@ def _dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K,
                     mask=mask_n[None, :], other=0)  # [RB, BLOCK_N]
     for j in tl.static_range(P):
         offs_k = blk * P * RB + j * RB + offs_r  # [RB]
-        c = (words >> (j * BITS)) & ((1 << BITS) - 1)
+        c = (words >> (16 * (j // H) + BITS * (j % H))) & ((1 << BITS) - 1)  # chunk j at bit q_j
         g = 0
         if GROUP != 0:
             g = tl.minimum(blk * P * RB + j * RB, K - 1) // GROUP

@@ -5,12 +5,18 @@ one byte per code: `LDG.E.U8`, rows 4 KB apart). The kernels want K-packed int32
 N-contiguous, so that a warp reads 32 x 16 consecutive bytes (`LDG.E.128`) and one word feeds
 32/bits weights:
 
-    words [E, KW, N] int32, KW = ceil(K / KB) * RB, KB = P * RB, P = 32 / bits codes per word
+    words [E, KW, N] int32, KW = ceil(K / KB) * RB, KB = P * RB, P = 2 * (16 // bits) codes per word
 
-Inside each pack block of KB consecutive k, word row r (0..RB-1) holds at bits [j*bits, j*bits+bits)
-the code of k = block*KB + j*RB + r. So shifting a [RB, BLOCK_N] tile of words by j*bits yields the
-codes of RB *contiguous* k (chunk j): the kernel pairs each chunk with the matching slice of x and
-never has to interleave registers. Codes past K are 0 and meet x = 0.
+Inside each pack block of KB consecutive k, word row r (0..RB-1) holds at bits [q_j, q_j + bits) the
+code of k = block*KB + j*RB + r. So shifting a [RB, BLOCK_N] tile of words by q_j yields the codes of
+RB *contiguous* k (chunk j): the kernel pairs each chunk with the matching slice of x and never has to
+interleave registers. Codes past K are 0 and meet x = 0.
+
+Each 16-bit half word holds 16 // bits whole codes (q_j = 16 * (j // H) + bits * (j % H), H = 16 // bits),
+so no code straddles the halves: the GEMV's magic-exponent decode reads a code where it sits in its
+half. For 2, 4 and 8 bits that is q_j = j * bits, a full word; 3, 5, 6 and 7 bits leave 2, 6, 8 and 4
+bits of each word unused (3-bit: 10 codes, 3.2 bits per weight in this load-time copy; the checkpoint
+keeps its dense packing).
 
 Scales and zeros go N-contiguous too ([E, G, N]), so their loads coalesce like the words'.
 """
@@ -25,7 +31,18 @@ from quantkit.formats.qweight import QuantizedWeight
 from quantkit.kernels.layout import E8M0_SCALE_MODES
 
 RB = 16  # word rows per pack block: chunk j of a block is 16 contiguous k (one m16n8k16 MMA deep)
-PACKED_BITS = (2, 4, 8)  # widths that fill an int32 word exactly
+PACKED_BITS = (2, 3, 4, 5, 6, 7, 8)
+
+
+def codes_per_word(bits: int) -> int:
+    """Codes of `bits` bits in one int32 word: 16 // bits whole codes in each half word."""
+    return 2 * (16 // bits)
+
+
+def chunk_shifts(bits: int) -> list[int]:
+    """Bit offset q_j of chunk j's code in a word (see the module docstring)."""
+    h = 16 // bits
+    return [16 * (j // h) + bits * (j % h) for j in range(codes_per_word(bits))]
 
 
 @dataclass(frozen=True)
@@ -45,7 +62,7 @@ class KernelWeight:
 
     @property
     def per_word(self) -> int:
-        return 32 // self.bits
+        return codes_per_word(self.bits)
 
     @property
     def pack_k(self) -> int:
@@ -71,7 +88,7 @@ def repack_problem(qw: QuantizedWeight) -> str | None:
     if spec.kind != "int":
         return f"no packed kernel reads {spec.kind} weights"
     if spec.bits not in PACKED_BITS:
-        return f"{spec.bits}-bit codes do not fill an int32 word (packed layout: {PACKED_BITS} bits)"
+        return f"{spec.bits}-bit codes have no packed layout (packed layout: {PACKED_BITS} bits)"
     if spec.granularity == "group" and int(spec.group_size) % RB:
         return f"group size {spec.group_size} is not a multiple of {RB} (a chunk of the packed layout)"
     return None
@@ -80,12 +97,12 @@ def repack_problem(qw: QuantizedWeight) -> str | None:
 def pack_words(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """uint8 codes [E, N, K] -> int32 words [E, KW, N] in the interleaved pack-block order above."""
     e, n, k = codes.shape
-    p = 32 // bits
+    p = codes_per_word(bits)
     kb = p * RB
     kp = -(-k // kb) * kb
     c = torch.nn.functional.pad(codes.to(torch.int64), (0, kp - k))  # [E, N, Kp]
     c = c.reshape(e, n, kp // kb, p, RB).permute(0, 2, 4, 1, 3)  # [E, blocks, RB, N, P]
-    shifts = torch.arange(p, device=codes.device, dtype=torch.int64) * bits
+    shifts = torch.tensor(chunk_shifts(bits), device=codes.device, dtype=torch.int64)
     word = (c << shifts).sum(dim=-1)  # [E, blocks, RB, N], < 2^32
     word = torch.where(word >= 2**31, word - 2**32, word)  # two's complement: the top code sets the sign
     return word.to(torch.int32).reshape(e, kp // kb * RB, n).contiguous()
@@ -94,8 +111,8 @@ def pack_words(codes: torch.Tensor, bits: int) -> torch.Tensor:
 def unpack_words(words: torch.Tensor, bits: int, k: int) -> torch.Tensor:
     """Inverse of pack_words: int32 [E, KW, N] -> uint8 codes [E, N, K] (the tests' check of the layout)."""
     e, kw, n = words.shape
-    p = 32 // bits
-    shifts = torch.arange(p, device=words.device, dtype=torch.int64) * bits
+    p = codes_per_word(bits)
+    shifts = torch.tensor(chunk_shifts(bits), device=words.device, dtype=torch.int64)
     c = (words.to(torch.int64)[..., None] >> shifts) & ((1 << bits) - 1)  # [E, KW, N, P]
     c = c.reshape(e, kw // RB, RB, n, p).permute(0, 3, 1, 4, 2)  # [E, N, blocks, P, RB]
     return c.reshape(e, n, -1)[..., :k].to(torch.uint8).contiguous()

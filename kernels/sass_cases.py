@@ -7,13 +7,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from quantkit.kernels.configs import TileConfig, candidate_tiles, packed_tile
-from quantkit.kernels.repack import RB
+from quantkit.kernels.repack import RB, codes_per_word
 
 N = K = 8192
 # (name, bits, group, is_mx, has_zero)
 PACKED_FORMATS = (("int4-g128", 4, 128, False, False), ("int4-g32-asym", 4, 32, False, True),
                   ("int4-channel", 4, 0, False, False), ("int2-g128", 2, 128, False, False),
-                  ("int8-g128", 8, 128, False, False), ("mxfp4", 4, 32, True, False))
+                  ("int8-g128", 8, 128, False, False), ("mxfp4", 4, 32, True, False),
+                  ("int3-g128", 3, 128, False, False))
 BYTE_FORMATS = (("int2-g128", 2, 128, False), ("int3-g128", 3, 128, False), ("int4-g128", 4, 128, False),
                 ("int8-g128", 8, 128, False), ("mxfp4", 4, 32, True))
 PACKED_M = (1, 2, 16, 32, 64, 256)  # the default tile of each (kernels/configs.packed_tile)
@@ -56,7 +57,7 @@ def packed_case(fmt: str, bits: int, group: int, is_mx: bool, has_zero: bool, m:
     tile = tile or packed_tile(m, bits, group, is_mx)
     args = dict(x_ptr=f"*{dtype}", w_ptr="*i32", s_ptr="*fp32" if is_mx else "*fp16",
                 z_ptr="*u8" if has_zero else "*fp16", b_ptr=f"*{dtype}", out_ptr=f"*{dtype}", ws_ptr="*fp32",
-                cnt_ptr="*i32", M=m if m > 1 else 3, N=N, K=K, n_blocks=K * bits // 32 // RB, stride_xm=K,
+                cnt_ptr="*i32", M=m if m > 1 else 3, N=N, K=K, n_blocks=-(-K // (codes_per_word(bits) * RB)), stride_xm=K,
                 stride_om=N, BITS=_c(bits), GROUP=_c(group), IS_MX=_c(is_mx), HAS_ZERO=_c(has_zero),
                 SYM_OFFSET=_c(0 if is_mx else 1 << (bits - 1)), HAS_BIAS=_c(False), SPLIT_K=_c(split_k),
                 BLOCK_M=_c(tile.block_m), BLOCK_N=_c(tile.block_n), EVEN_N=_c(N % tile.block_n == 0))
@@ -65,7 +66,7 @@ def packed_case(fmt: str, bits: int, group: int, is_mx: bool, has_zero: bool, m:
         args.update(code_mask=(1 << bits) - 1)
     else:
         args.update(USE_ASM=_c(use_asm), GROUP_M=_c(tile.group_m))
-    per_iter = tile.block_n * (32 // bits) * RB  # one pack block of BLOCK_N columns
+    per_iter = tile.block_n * codes_per_word(bits) * RB  # one pack block of BLOCK_N columns
     name = f"{'gemv' if gemv else 'gemm'} {fmt} {dtype} M={m} {tile.block_m}x{tile.block_n} w{tile.num_warps}s{tile.num_stages}"
     if use_asm and not gemv:
         name += " inline-asm"

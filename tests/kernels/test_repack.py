@@ -11,18 +11,29 @@ from quantkit.formats import FormatSpec, QuantizedWeight
 from quantkit.kernels import tuning
 from quantkit.kernels.configs import GEMV_MAX_M, TileConfig, packed_split_k, packed_tile
 from quantkit.kernels.prepare import cuda_fallbacks
-from quantkit.kernels.repack import RB, pack_words, repack, repack_problem, unpack_words
+from quantkit.kernels.repack import (RB, chunk_shifts, codes_per_word, pack_words, repack, repack_problem,
+                                     unpack_words)
 from quantkit.nn import QuantConv2d, QuantLinear
 
 
-@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8])
 @pytest.mark.parametrize("k", [1, 37, 128, 203, 512])
 def test_pack_words_round_trips(bits: int, k: int) -> None:
     codes = torch.randint(0, 1 << bits, (2, 5, k), dtype=torch.uint8)
     words = pack_words(codes, bits)
-    kb = (32 // bits) * RB
+    kb = codes_per_word(bits) * RB
     assert words.dtype == torch.int32 and words.shape == (2, -(-k // kb) * RB, 5)
     assert torch.equal(unpack_words(words, bits, k), codes)
+
+
+@pytest.mark.parametrize("bits,per_word", [(2, 16), (3, 10), (4, 8), (5, 6), (6, 4), (7, 4), (8, 4)])
+def test_no_code_straddles_a_half_word(bits: int, per_word: int) -> None:
+    """The GEMV decodes a code where it sits in its 16-bit half; 2/4/8 bits keep q_j = j * bits."""
+    shifts = chunk_shifts(bits)
+    assert codes_per_word(bits) == per_word == len(shifts)
+    assert all(q // 16 == (q + bits - 1) // 16 for q in shifts)
+    if 16 % bits == 0:
+        assert shifts == [j * bits for j in range(per_word)]
 
 
 def test_chunk_j_of_a_block_is_contiguous_k() -> None:
@@ -46,7 +57,6 @@ def test_repack_layout_of_scales_and_zeros() -> None:
 
 
 @pytest.mark.parametrize("spec,why", [
-    (FormatSpec(bits=3, granularity="group", group_size=32), "do not fill an int32 word"),
     (FormatSpec(bits=4, granularity="group", group_size=40), "not a multiple of 16"),
     (FormatSpec(kind="fp8", bits=8), "fp8"),
 ])

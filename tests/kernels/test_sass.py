@@ -54,10 +54,11 @@ def test_w4a16_gemv_main_loop_within_4_instructions_per_weight(sass) -> None:
     assert "HMMA.16816.F32" not in r.loop_ops  # the GEMV path does not use the MMA
 
 
-@pytest.mark.parametrize("fmt", ["int4-g32-asym", "mxfp4"])
+@pytest.mark.parametrize("fmt", ["int4-g32-asym", "mxfp4", "int3-g128"])
 @pytest.mark.parametrize("m", [2, 64, 256])
 def test_large_tiles_of_heavy_decodes_do_not_spill(sass, fmt: str, m: int) -> None:
-    """Small groups and MXFP4 need the most registers; their default large-M tiles must still fit."""
+    """Small groups, MXFP4 and 3-bit (10 chunks a block, a scale per chunk) need the most registers; their
+    default large-M tiles must still fit."""
     from quantkit.kernels.sass_cases import PACKED_FORMATS, packed_case
 
     case = packed_case(*next(f for f in PACKED_FORMATS if f[0] == fmt), m=m)

@@ -18,8 +18,13 @@ SPECS = ([FormatSpec(bits=b, symmetric=s, granularity="group", group_size=g)
           for b in (2, 4, 8) for g in (32, 128) for s in (True, False)]
          + [FormatSpec(bits=4, granularity="group", group_size=64), FormatSpec(bits=4, granularity="group", group_size=48),
             FormatSpec(bits=4, granularity="channel"), FormatSpec(bits=2, symmetric=False, granularity="channel"),
-            FormatSpec(bits=8, granularity="tensor"), FormatSpec.mxfp4()])
-K, N = 384, 40  # K: 3 int4 pack blocks, not a multiple of the int2 block (256); N: not of any N tile
+            FormatSpec(bits=8, granularity="tensor"), FormatSpec.mxfp4()]
+         # 3/5/6/7-bit: 10/6/4/4 codes a word, none straddling a half word; 3-bit blocks (160 k) cut groups
+         + [FormatSpec(bits=3, symmetric=False, granularity="group", group_size=128),
+            FormatSpec(bits=3, granularity="group", group_size=32), FormatSpec(bits=5, symmetric=False, granularity="group",
+                                                                             group_size=64),
+            FormatSpec(bits=6, granularity="channel"), FormatSpec(bits=7, symmetric=False, granularity="group", group_size=32)])
+K, N = 384, 40  # K: 3 int4 pack blocks, not a multiple of the int2 (256) or int3 (160) block; N: not of any N tile
 
 
 def _qw(spec: FormatSpec, n: int = N, k: int = K) -> QuantizedWeight:
@@ -83,16 +88,18 @@ def test_k_not_a_multiple_of_the_pack_block() -> None:
 
 
 def test_qlinear_routes_packable_formats_to_the_packed_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
-    """4-bit goes through the packed kernel (repacked once per weight cache), 3-bit through the byte kernel."""
+    """2-8-bit codes go through the packed kernel (repacked once per weight cache); groups that are not a
+    multiple of 16 through the byte kernel."""
     calls = []
     real = weight_only.cached_repack
-    monkeypatch.setattr(weight_only, "cached_repack", lambda qw: calls.append(qw.spec.bits) or real(qw))
-    x = torch.randn(3, 256, dtype=torch.float16)
-    for bits in (4, 3):
-        qw = _qw(FormatSpec(bits=bits, granularity="group", group_size=64), n=24, k=256)
+    monkeypatch.setattr(weight_only, "cached_repack", lambda qw: calls.append(qw.spec.short) or real(qw))
+    x = torch.randn(3, 320, dtype=torch.float16)
+    packable = [FormatSpec(bits=b, granularity="group", group_size=64) for b in (3, 4)]
+    for spec in packable + [FormatSpec(bits=4, granularity="group", group_size=40)]:
+        qw = _qw(spec, n=24, k=320)
         y = kernels.qlinear(x, qw, backend="triton")
         assert rel_err(y, qlinear_reference(x, qw)) < HALF_TOL
-    assert calls == [4]
+    assert calls == [s.short for s in packable]
 
 
 def test_repack_is_cached_per_weight() -> None:

@@ -16,7 +16,8 @@ from .helpers import HALF_TOL, rel_err
 
 SPECS = [FormatSpec(bits=4, granularity="group", group_size=32), FormatSpec(bits=4, granularity="group", group_size=128),
          FormatSpec(bits=4, symmetric=False, granularity="group", group_size=64), FormatSpec(bits=8, granularity="channel"),
-         FormatSpec(bits=2, granularity="group", group_size=64), FormatSpec.mxfp4()]
+         FormatSpec(bits=2, granularity="group", group_size=64), FormatSpec.mxfp4(),
+         FormatSpec(bits=3, symmetric=False, granularity="group", group_size=64)]
 
 
 def _experts(spec: FormatSpec, e: int, h: int, inter: int) -> tuple[QuantizedWeight, QuantizedWeight]:
