@@ -1,13 +1,16 @@
-"""GPU tuning of the packed kernels (`quantkit bench kernels --tune`): best tile per (format, N, K, M bucket)
-and the large-M crossover per format, written to this GPU's table (kernels/tuning.py)."""
+"""GPU tuning of the packed kernels (`quantkit bench kernels --tune`): best tile per (format, N, K, M bucket),
+the large-M crossover per format, and the fused MoE's tile per (format, experts, shapes, pairs per expert),
+written to this GPU's table (kernels/tuning.py)."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
 
-from quantkit.kernels.bench_cases import LINEAR_SHAPES
-from quantkit.kernels.tuning import M_TUNE_BUCKETS, format_key, load_table, save_table, tile_key
+from quantkit.kernels.bench_cases import LINEAR_SHAPES, MOE_SHAPES
+from quantkit.kernels.tuning import M_TUNE_BUCKETS, format_key, load_table, moe_tile_key, save_table, tile_key
+
+MOE_TUNE_TOKENS = (1, 4, 16, 64, 256, 1024, 4096)  # tokens per call; pairs per expert = tokens * top_k / E
 
 TUNE_SPECS = (("int4", 128), ("int4", 0), ("int8", 128), ("mxfp4", 32))
 
@@ -76,5 +79,44 @@ def tune(dtypes: list[str], reps: int) -> Path:
             if (n, k) == LINEAR_SHAPES[0]:
                 cross = crossover_from(times)
                 crossover[fmt] = cross if cross is not None else 1 << 30  # packed wins everywhere measured
-    table.update(tiles=tiles, crossover=crossover)
+    table.update(tiles=tiles, crossover=crossover, moe_tiles=tune_moe(dtype, flush, reps, table.get("moe_tiles", {})))
     return save_table(name, table)
+
+
+def tune_moe(dtype: torch.dtype, flush: torch.Tensor, reps: int, known: dict) -> dict:
+    """Best fused-MoE tile per (format, experts, shapes, pairs-per-expert bucket) over packed_moe_candidates,
+    W4A16 g128 on the benchmark's MoE shapes (SwiGLU experts, so 16-row tiles include the fused epilogue)."""
+    import torch.nn.functional as F
+
+    from quantkit.formats import QuantizedWeight
+    from quantkit.kernels.bench_timing import time_graph
+    from quantkit.kernels.packed_moe import packed_moe_candidates, qexperts_packed
+    from quantkit.kernels.repack import repack
+
+    dev = torch.device("cuda")
+    tiles = dict(known)
+    spec = _spec("int4", 128)
+    for _, e, top_k, h, inter in MOE_SHAPES:
+        gu = repack(QuantizedWeight.quantize(torch.randn(e, 2 * inter, h, device=dev, dtype=dtype) / h ** 0.5, spec))
+        dn = repack(QuantizedWeight.quantize(torch.randn(e, h, inter, device=dev, dtype=dtype) / inter ** 0.5, spec))
+        fmt = format_key(gu.bits, gu.group, gu.is_mx)
+        for t in MOE_TUNE_TOKENS:
+            x = torch.randn(t, h, device=dev, dtype=dtype)
+            idx = torch.stack([torch.randperm(e, device=dev)[:top_k] for _ in range(t)])
+            wts = torch.rand(t, top_k, device=dev).softmax(-1)
+            best = None
+            for tile in packed_moe_candidates(t * top_k, e):
+                try:
+                    us = time_graph(lambda: qexperts_packed(x, idx, wts, gu, dn, F.silu, config=tile), flush,
+                                    reps=reps).median_us
+                except Exception as err:  # a tile that does not compile or fit is skipped, loudly
+                    print(f"  moe {fmt} E{e} T={t} tile {tile}: {type(err).__name__}: {err}")
+                    continue
+                if best is None or us < best[0]:
+                    best = (us, tile)
+            if best is not None:
+                tile = best[1]
+                tiles[moe_tile_key(fmt, e, (gu.n, gu.k), (dn.n, dn.k), t * top_k)] = [
+                    tile.block_m, tile.block_n, tile.num_warps, tile.num_stages]
+                print(f"  moe {fmt} E{e} top-{top_k} T={t}: best {tile} {best[0]:.1f} us")
+    return tiles

@@ -7,12 +7,13 @@ outputs and one K slice, and runs the packed MMA loop (packed_gemm._mma_k_loop: 
 magic-number dequantization, scales per group on the fp32 partials).
 - gate/up: with SiLU (SwiGLU, the usual act_fn) and the decode tile, each program computes the same
   BLOCK_N columns of the gate half and the up half and writes silu(gate) * up, [pairs, I] in sorted
-  order: the [pairs, 2I] intermediate and the torch activation launches are gone. Any other act_fn, or a layout's own gate
-  function (gpt-oss): [pairs, 2I] out, then act_fn(gate) * up or gate_fn in torch.
+  order: the [pairs, 2I] intermediate and the torch activation launches are gone. Any other act_fn,
+  or a layout's own gate function (gpt-oss): [pairs, 2I] out, then act_fn(gate) * up or gate_fn in torch.
 - down: multiplies by the routing weight in its epilogue and adds fp32 atomically into the token's row
   of [T, H]: the k slots of a token and the K slices of a decode-sized down projection (split-K) meet
   there, no [T*k, H] partials and no torch reduction but the final cast.
-Reference: qexperts_reference (weight-only).
+Tiles: this GPU's tuning table (kernels/tuning.py, per format, experts, shapes and pairs per expert),
+else packed_moe_tile. Reference: qexperts_reference (weight-only).
 """
 from __future__ import annotations
 
@@ -102,6 +103,15 @@ def packed_moe_tile(n_pairs: int, n_experts: int) -> TileConfig:
     return TileConfig(64, 128, 0, num_warps=4, num_stages=4)
 
 
+def packed_moe_candidates(n_pairs: int, n_experts: int) -> list[TileConfig]:
+    """Tiles the GPU tuner tries for a fused MoE layer (the default first); 16-row tiles also take the SwiGLU
+    epilogue, so the tuner weighs fusing against the wider tiles."""
+    first = packed_moe_tile(n_pairs, n_experts)
+    more = [TileConfig(bm, bn, 0, num_warps=w, num_stages=s) for bm, bn, w, s in
+            ((16, 256, 4, 4), (16, 128, 4, 4), (32, 128, 4, 3), (64, 128, 4, 4), (64, 64, 4, 4), (128, 128, 8, 3))]
+    return [first] + [t for t in more if t != first]
+
+
 def moe_split_k(n_pairs: int, n_experts: int, n: int, n_kblocks: int, num_sms: int, tile: TileConfig) -> int:
     """K slices of the down projection so a decode-sized layer still has ~2 CTAs per SM."""
     blocks = -(-n_pairs // tile.block_m) + min(n_experts, n_pairs)  # upper bound of busy row blocks
@@ -161,7 +171,12 @@ def qexperts_packed(
     if hidden.stride(-1) != 1:
         hidden = hidden.contiguous()
     p = t * k
-    config = config or packed_moe_tile(p, n_experts)
+    if config is None:
+        config = packed_moe_tile(p, n_experts)
+        if hidden.is_cuda:
+            from quantkit.kernels.tuning import tuned_moe_tile
+
+            config = tuned_moe_tile(hidden.device, gate_up, down, p) or config
     if fused_align if fused_align is not None else p <= ALIGN_MAX_PAIRS:
         plan = moe_align_fused(top_k_index, n_experts, config.block_m, top_k_weights)
         token_of, row_weight = plan["token"], plan["weight"]

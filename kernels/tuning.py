@@ -4,7 +4,9 @@ One JSON file per GPU model, written by the GPU benchmark (`quantkit.kernels.ben
 
     {"gpu": "NVIDIA H100 80GB HBM3", "triton": "3.9.0",
      "crossover": {"int4-g128": 768, ...},            # M from which dequantize + cuBLAS is faster
-     "tiles": {"int4-g128|8192|8192|16": [16, 128, 4, 4, 8], ...}}   # fmt|N|K|M bucket -> tile
+     "tiles": {"int4-g128|8192|8192|16": [16, 128, 4, 4, 8], ...},  # fmt|N|K|M bucket -> tile
+     "moe_tiles": {"int4-g128|E8|28672x4096|4096x14336|16": [16, 256, 4, 4], ...}}
+     # fused MoE: fmt|experts|gate/up NxK|down NxK|pairs-per-expert bucket -> tile of both launches
 
 Files live in $QUANTKIT_TUNING_DIR, else ~/.cache/quantkit/kernels. Without an entry the defaults
 below apply, and they are not measurements (BENCHMARKS.md says "pending" until a GPU run replaces them).
@@ -96,6 +98,25 @@ def tuned_tile(device, kw, m: int) -> TileConfig | None:
     if bm < 16 and bm < m:
         return None  # a GEMV tile cannot take more rows than it has
     return TileConfig(bm, bn, 0, warps, stages, group_m)
+
+
+def moe_tile_key(fmt: str, experts: int, gate_up_nk: tuple[int, int], down_nk: tuple[int, int],
+                 n_pairs: int) -> str:
+    """Key of a fused MoE layer's tile: format, experts, both projections' shapes, pairs per expert (bucketed)."""
+    per_expert = -(-n_pairs // max(1, experts))
+    return (f"{fmt}|E{experts}|{gate_up_nk[0]}x{gate_up_nk[1]}|{down_nk[0]}x{down_nk[1]}|"
+            f"{m_tune_bucket(per_expert)}")
+
+
+def tuned_moe_tile(device, gate_up, down, n_pairs: int) -> TileConfig | None:
+    """The measured best tile of a fused MoE layer (kernels/packed_moe.py) on this GPU, if the table has one."""
+    key = moe_tile_key(format_key(gate_up.bits, gate_up.group, gate_up.is_mx), gate_up.words.shape[0],
+                       (gate_up.n, gate_up.k), (down.n, down.k), n_pairs)
+    row = load_table(_gpu_name(device)).get("moe_tiles", {}).get(key)
+    if not row:
+        return None
+    bm, bn, warps, stages = row
+    return TileConfig(bm, bn, 0, warps, stages)
 
 
 def crossover_m(gpu_name: str, fmt: str) -> tuple[int, bool]:

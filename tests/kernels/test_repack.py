@@ -97,6 +97,24 @@ def test_tuning_table_round_trip(tmp_path, monkeypatch: pytest.MonkeyPatch) -> N
     tuning.load_table.cache_clear()
 
 
+def test_moe_tile_from_the_tuning_table(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fused MoE layer takes the table's tile for its format, experts, shapes and pairs per expert; the
+    bucket is per expert, so 8 experts x 2 slots at 64 tokens (16 pairs each) share the 16 bucket."""
+    monkeypatch.setenv("QUANTKIT_TUNING_DIR", str(tmp_path))
+    monkeypatch.setattr(tuning, "_gpu_name", lambda device: "GPU X")
+    spec = FormatSpec(bits=4, granularity="group", group_size=32)
+    gu = repack(QuantizedWeight.quantize(torch.randn(8, 128, 64), spec))
+    dn = repack(QuantizedWeight.quantize(torch.randn(8, 64, 64), spec))
+    tuning.load_table.cache_clear()
+    assert tuning.tuned_moe_tile(None, gu, dn, 128) is None
+    key = tuning.moe_tile_key("int4-g32", 8, (128, 64), (64, 64), 120)
+    assert key == "int4-g32|E8|128x64|64x64|16"
+    tuning.save_table("GPU X", {"moe_tiles": {key: [32, 128, 4, 3]}})
+    assert tuning.tuned_moe_tile(None, gu, dn, 128) == TileConfig(32, 128, 0, 4, 3)
+    assert tuning.tuned_moe_tile(None, gu, dn, 8 * 40) is None  # 40 pairs per expert: another bucket
+    tuning.load_table.cache_clear()
+
+
 def test_tile_keys_bucket_m() -> None:
     assert tuning.tile_key("int4-g128", 8192, 8192, 3) == "int4-g128|8192|8192|4"
     assert tuning.format_key(4, 0, False) == "int4-channel" and tuning.format_key(4, 32, True) == "mxfp4"
