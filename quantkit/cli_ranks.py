@@ -47,8 +47,9 @@ def quantize_ranks(env: DistEnv, model: str, out: Path, rec, calib: Optional[Pat
         todo = [t for t in tasks if not t.plan.skip]
         check_supported(method, todo, env)
         if method.needs_calibration(todo):
-            if env.is_main:
-                loaded = loader = None  # rank 0 runs the single-process command, which loads its own
+            if env.is_main:  # rank 0 runs the single-process command, which loads its own: nothing of this
+                loaded = loader = None  # load may stay referenced (the tasks hold its modules), or a whole
+                tasks = todo = None  # --no-stream model would sit beside the second one
             _calibrated_split(env, (loaded, loader), model, out, rec, calib_prompts, calib_text, calib_steps,
                               resume, device, overwrite, max_shard_mb, say, json_path, dtype, stream, work_dir)
             return
