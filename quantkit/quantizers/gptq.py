@@ -39,9 +39,11 @@ class _ColumnQuantizer:
             s, z = integer.int_qparams(w.float(), spec, WEIGHT_SCALE_DTYPE)
             self.scale, self.zero = s.reshape(n, -1).clone(), None if z is None else z.reshape(n, -1).clone()
             self.fixed = spec.granularity != "group"
+        self._consts: tuple | None = None  # (group, fp32 scale [N], fp32 zero [N] or None) of the current group
 
     def start_group(self, gi: int, cols: torch.Tensor) -> None:
         """Scale of group gi from its current (error-updated) columns [N, group]."""
+        self._consts = None
         if self.fixed:
             return
         if self.spec.kind == "mxfp4":
@@ -54,14 +56,21 @@ class _ColumnQuantizer:
                 self.zero[:, gi] = z[:, 0]
 
     def fake(self, col: torch.Tensor, gi: int) -> torch.Tensor:
-        c = col.float().unsqueeze(-1)
         if self.spec.kind == "mxfp4":
+            c = col.float().unsqueeze(-1)
             s = mxfp4.block_scale(self.scale[:, gi:gi + 1])
             return (mxfp4.decode_e2m1(mxfp4.encode_e2m1(c / s)) * s).squeeze(-1)
-        one = FormatSpec("int", self.spec.bits, self.spec.symmetric)
-        z = None if self.zero is None else self.zero[:, gi:gi + 1]
-        return integer.dequantize_int(integer.quantize_int_with(c, self.scale[:, gi:gi + 1], z, one),
-                                      self.scale[:, gi:gi + 1], z, one).squeeze(-1)
+        # integer.quantize_int_with then dequantize_int, written out on one column: the same fp32 operations
+        # (codes are small integers, exact in fp32), without their per-call reshapes; once per column this
+        # was most of GPTQ's Python time.
+        if self._consts is None or self._consts[0] != gi:
+            self._consts = (gi, self.scale[:, gi].float(), None if self.zero is None else self.zero[:, gi].float())
+        _, s, z = self._consts
+        q = (col.float() / s).round_()
+        if z is None:
+            off = integer.zero_offset(self.spec)
+            return q.clamp_(-off, off - 1).mul_(s)
+        return q.add_(z).clamp_(0, (1 << self.spec.bits) - 1).sub_(z).mul_(s)
 
     def finish(self, q: torch.Tensor) -> QuantizedWeight:
         """Codes of the GPTQ result (exactly representable under the collected scales)."""
