@@ -161,7 +161,8 @@ def child(args: argparse.Namespace) -> None:
     rec = rec.replace(calib_size=args.calib_size)
     out = Path(args.out)
     t0 = time.perf_counter()
-    _, result = quantize_streaming(args.src, rec, out, overwrite=True, work_dir=out.parent / f".{out.name}.progress",
+    _, result = quantize_streaming(args.src, rec, out, dtype=args.dtype, overwrite=True,
+                                   work_dir=out.parent / f".{out.name}.progress",
                                    calib_memory=parse_bytes(args.calib_memory) if args.calib_memory else None)
     wall = time.perf_counter() - t0
     shutil.rmtree(out.parent / f".{out.name}.progress", ignore_errors=True)
@@ -169,9 +170,9 @@ def child(args: argparse.Namespace) -> None:
                                   "out_bytes": sum(f.stat().st_size for f in out.rglob("*.safetensors"))}))
 
 
-def run_one(src: Path, out: Path, recipe: str, calib_size: int, calib_memory: str | None) -> dict:
+def run_one(src: Path, out: Path, recipe: str, calib_size: int, calib_memory: str | None, dtype: str = "auto") -> dict:
     cmd = [sys.executable, __file__, "--child", "--src", str(src), "--out", str(out), "--recipe", recipe,
-           "--calib-size", str(calib_size)] + (["--calib-memory", calib_memory] if calib_memory else [])
+           "--calib-size", str(calib_size), "--dtype", dtype] + (["--calib-memory", calib_memory] if calib_memory else [])
     import tempfile
 
     t0 = time.perf_counter()
@@ -200,6 +201,10 @@ def main() -> None:
     ap.add_argument("--recipe", default="rtn-w4a16-g128")
     ap.add_argument("--calib-size", type=int, default=4)
     ap.add_argument("--calib-memory", default=None)
+    ap.add_argument("--dtype", default="auto", help=argparse.SUPPRESS)  # (the child's)
+    ap.add_argument("--calibrated-dtype", default="auto",
+                    help="dtype of the calibrated run (auto = the checkpoint's; float32 where torch's CPU kernels "
+                         "for the checkpoint's fp16 are too slow to finish, e.g. the UNets' convolutions)")
     ap.add_argument("--models", default="sd15-unet,olmoe-1b-7b")
     ap.add_argument("--layers", type=int, default=None, help="decoder layers of the LMs (default: OLMoE 4, Qwen3 24)")
     ap.add_argument("--big", action="store_true", help="allow sdxl-unet and qwen3-30b-a3b (tens of GB of disk)")
@@ -252,9 +257,11 @@ def main() -> None:
         recipes = ["rtn-w4a16-g128"] + ([calibrated] if calibrated != "none" else [])
         for recipe in recipes:
             out = work / f"{name}-q"
-            res = run_one(src, out, recipe, args.calib_size, args.calib_memory)
+            res = run_one(src, out, recipe, args.calib_size, args.calib_memory,
+                          args.calibrated_dtype if recipe != "rtn-w4a16-g128" else "auto")
             blocks = list(res["blocks"].values())
             row = {"model": name, "layers": layers, "recipe": "rtn-w8a8-static" if recipe.startswith("{") else recipe,
+                   "dtype": args.calibrated_dtype if recipe != "rtn-w4a16-g128" else "auto",
                    "weights_gb": nbytes / 1e9, "wall_s": res["wall"], "process_s": res["process_wall"],
                    "gb_per_s": nbytes / 1e9 / res["wall"], "peak_rss_gb": res["peak_rss"] / 1e9,
                    "blocks": len(blocks), "first_block_s": blocks[0] if blocks else None,
