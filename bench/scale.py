@@ -172,7 +172,8 @@ def child(args: argparse.Namespace) -> None:
 
 def run_one(src: Path, out: Path, recipe: str, calib_size: int, calib_memory: str | None, dtype: str = "auto") -> dict:
     cmd = [sys.executable, __file__, "--child", "--src", str(src), "--out", str(out), "--recipe", recipe,
-           "--calib-size", str(calib_size), "--dtype", dtype] + (["--calib-memory", calib_memory] if calib_memory else [])
+           "--calib-size", str(calib_size), "--dtype", dtype]
+    cmd += ["--calib-memory", calib_memory] if calib_memory else []
     import tempfile
 
     t0 = time.perf_counter()
@@ -257,11 +258,11 @@ def main() -> None:
         recipes = ["rtn-w4a16-g128"] + ([calibrated] if calibrated != "none" else [])
         for recipe in recipes:
             out = work / f"{name}-q"
-            res = run_one(src, out, recipe, args.calib_size, args.calib_memory,
-                          args.calibrated_dtype if recipe != "rtn-w4a16-g128" else "auto")
+            run_dtype = args.calibrated_dtype if recipe != "rtn-w4a16-g128" else "auto"
+            res = run_one(src, out, recipe, args.calib_size, args.calib_memory, run_dtype)
             blocks = list(res["blocks"].values())
             row = {"model": name, "layers": layers, "recipe": "rtn-w8a8-static" if recipe.startswith("{") else recipe,
-                   "dtype": args.calibrated_dtype if recipe != "rtn-w4a16-g128" else "auto",
+                   "dtype": run_dtype,
                    "weights_gb": nbytes / 1e9, "wall_s": res["wall"], "process_s": res["process_wall"],
                    "gb_per_s": nbytes / 1e9 / res["wall"], "peak_rss_gb": res["peak_rss"] / 1e9,
                    "blocks": len(blocks), "first_block_s": blocks[0] if blocks else None,

@@ -86,10 +86,16 @@ def is_interpreter() -> bool:
 GEMV_MAX_M = 2
 
 
+def codes_per_word(bits: int) -> int:
+    """Codes of `bits` bits in one int32 word of the packed layout: 16 // bits whole codes in each half word
+    (kernels/repack.py)."""
+    return 2 * (16 // bits)
+
+
 def heavy_decode(bits: int, group: int, is_mx: bool) -> bool:
     """Formats whose decode needs more registers: MXFP4, 2-bit (16 chunks a block) and groups that are
     not a multiple of a pack block (a scale per 16-k chunk: small groups, and 3/5/6/7-bit blocks)."""
-    return is_mx or bits == 2 or (group != 0 and group % (2 * (16 // bits) * 16) != 0)
+    return is_mx or bits == 2 or (group != 0 and group % (codes_per_word(bits) * 16) != 0)
 
 
 def packed_tile(m: int, bits: int = 4, group: int = 128, is_mx: bool = False) -> TileConfig:

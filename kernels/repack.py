@@ -28,15 +28,11 @@ import torch
 
 from quantkit.formats.integer import zero_offset
 from quantkit.formats.qweight import QuantizedWeight
+from quantkit.kernels.configs import codes_per_word
 from quantkit.kernels.layout import E8M0_SCALE_MODES
 
 RB = 16  # word rows per pack block: chunk j of a block is 16 contiguous k (one m16n8k16 MMA deep)
 PACKED_BITS = (2, 3, 4, 5, 6, 7, 8)
-
-
-def codes_per_word(bits: int) -> int:
-    """Codes of `bits` bits in one int32 word: 16 // bits whole codes in each half word."""
-    return 2 * (16 // bits)
 
 
 def chunk_shifts(bits: int) -> list[int]:
