@@ -156,12 +156,12 @@ def load_model(source: str, device: str = "cpu", dtype: Any = "auto") -> LoadedM
             _check_loading_info(path, info)
             obj = obj.to(device)
         else:
+            qcfg = json.loads((path / "config.json").read_text()).get("quantization_config")
             obj, info = transformers_class(path).from_pretrained(path, local_files_only=True, output_loading_info=True,
-                                                                 dtype=dtype)
+                                                                 dtype=dtype, **_dequantizing_config(qcfg))
             _check_loading_info(path, info)
             obj = obj.to(device)
             tokenizer = load_tokenizer(path)
-            qcfg = json.loads((path / "config.json").read_text()).get("quantization_config")
             if isinstance(qcfg, dict):  # e.g. gpt-oss as the hub ships it (MXFP4 experts)
                 log.warning("%s is pre-quantized (%s): transformers dequantized it on load and quantkit requantizes "
                             "from those weights (their rounding error comes on top)", path, qcfg.get("quant_method"))
@@ -204,6 +204,17 @@ def _check_loading_info(path: Path, info: dict[str, Any]) -> None:
             first = bad[0][0] if isinstance(bad[0], tuple) else bad[0]
             raise QuantkitError(f"cannot load model from {path}: tensor {first} is {what} "
                                 f"({len(bad)} such tensors in the library's load report)")
+
+
+def _dequantizing_config(qcfg: Any) -> dict[str, Any]:
+    """from_pretrained kwargs that make transformers dequantize a pre-quantized MXFP4 source (gpt-oss as the hub
+    ships it) on load: quantkit requantizes from those weights. Without it, transformers (>= 5.25, with the
+    `kernels` package installed) would fetch its MXFP4 kernels from the hub, which a run never reaches."""
+    if not isinstance(qcfg, dict) or qcfg.get("quant_method") != "mxfp4":
+        return {}
+    from transformers import Mxfp4Config
+
+    return {"quantization_config": Mxfp4Config(dequantize=True)}
 
 
 def _modules_of(loaded: "LoadedModel") -> list[tuple[str, nn.Module]]:

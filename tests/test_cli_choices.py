@@ -4,7 +4,7 @@ from __future__ import annotations
 import re
 
 from quantkit.cli_choices import METHOD_NAMES, ROUNDING_NAMES, WEIGHT_FORMATS, recipe_names
-from tests.helpers import cli
+from helpers import cli
 
 
 def test_choice_lists_match_registries():

@@ -6,7 +6,7 @@ import torch
 
 import quantkit
 from quantkit.nn import QuantConv2d, QuantExperts, QuantLinear
-from tests.helpers import cli
+from helpers import cli
 
 pytestmark = pytest.mark.skipif(not hasattr(torch, "compile"), reason="torch.compile unavailable")
 

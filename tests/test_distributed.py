@@ -38,7 +38,9 @@ def _free_port() -> int:
 def _env(**extra: str) -> dict[str, str]:
     # one thread per process: a matmul's reduction order may depend on the thread count, so the single-process
     # reference of a calibrated run uses the ranks' count
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent), str(HERE), os.environ.get("PYTHONPATH", "")]),
+    # (no empty entry: it would put the working directory, the repository root, on sys.path)
+    path = [str(HERE)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(path),
             "OMP_NUM_THREADS": "1", **extra}
 
 

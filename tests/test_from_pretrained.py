@@ -12,7 +12,7 @@ import torch
 
 import quantkit
 from quantkit.nn import QuantExperts, QuantLinear
-from tests.helpers import cli
+from helpers import cli
 
 IDS = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(0))
 DATA = Path(__file__).parent / "data"

@@ -35,3 +35,27 @@ def test_import_touches_neither_triton_nor_cuda(tmp_path):
     )
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().splitlines()[-1] == "False False"
+
+
+def test_run_from_the_repository_root_names_the_hidden_kernels_package():
+    # transformers (>= 5.25) imports Hugging Face's `kernels`; from the repository root (on sys.path, as
+    # `python -m` puts it) this project's kernels/ folder would hide it behind an unrelated ImportError.
+    import importlib.metadata
+    import os
+    from pathlib import Path
+
+    try:
+        importlib.metadata.distribution("kernels")
+    except importlib.metadata.PackageNotFoundError:
+        import pytest
+
+        pytest.skip("Hugging Face's kernels package is not installed: nothing to hide")
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONSAFEPATH"}
+    r = subprocess.run([sys.executable, "-c", "import quantkit"], cwd=root, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode != 0
+    assert "hides the `kernels` package transformers imports" in r.stderr.strip().splitlines()[-1]
+    r = subprocess.run([sys.executable, "-c", "import quantkit, transformers.integrations.hub_kernels"], cwd=root,
+                       env={**env, "PYTHONSAFEPATH": "1"}, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr

@@ -5,7 +5,7 @@ import pytest
 
 import quantkit
 from quantkit.progress import reporting, track
-from tests.helpers import cli
+from helpers import cli
 
 
 def test_track_reports_each_loop_at_its_depth():

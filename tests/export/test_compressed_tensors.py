@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import quantkit
-from tests.helpers import cli, one_line_error
+from helpers import cli, one_line_error
 
 pytest.importorskip("compressed_tensors")
 from transformers import AutoModelForCausalLM, CompressedTensorsConfig  # noqa: E402

@@ -100,7 +100,7 @@ def test_gpt_oss_native_mxfp4_source_cli(tmp_path):
     from mxfp4_source import write_native_mxfp4
     from transformers import AutoModelForCausalLM
 
-    from tests.helpers import cli, one_line_error
+    from helpers import cli, one_line_error
 
     write_native_mxfp4(build("gpt_oss"), tmp_path / "src")
     r = cli("quantize", tmp_path / "src", "--out", tmp_path / "ck", "--recipe", "rtn-w4a16-g128")

@@ -4,7 +4,7 @@ text tokens in calls of 16 rows were cut row by row and then concatenated to 32)
 import pytest
 import torch
 
-from calib.selection import trajectory_sample
+from quantkit.calib.selection import trajectory_sample
 from quantkit.adapters.base import CallArgs
 from quantkit.errors import QuantkitError
 from quantkit.recon.data import collate, split_call
