@@ -92,14 +92,20 @@ def base_rotation(n: int, generator: torch.Generator) -> torch.Tensor:
     return d @ r
 
 
-def _swapped(base: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    """E_d R E_d for each d [G]: rows and columns 0 and d of `base` exchanged -> [G, n, n]."""
+def _swapped_table(base: torch.Tensor) -> torch.Tensor:
+    """E_d R E_d for every d -> [n, n, n]: rows and columns 0 and d of `base` exchanged (d = 0: base)."""
     n = base.shape[0]
-    idx = torch.arange(n).expand(len(d), n).clone()
-    rows = torch.arange(len(d))
-    idx[rows, 0] = d
-    idx[rows, d] = 0
+    idx = torch.arange(n).expand(n, n).clone()
+    d = torch.arange(n)
+    idx[d, 0] = d
+    idx[d, d] = 0
     return base[idx.unsqueeze(-1), idx.unsqueeze(-2)]
+
+
+def _peak(xb: torch.Tensor) -> torch.Tensor:
+    """max - min of each block of xb [G, T, b] -> [G] (amax and amin: torch's aminmax is slower on CPU)."""
+    flat = xb.reshape(xb.shape[0], -1)
+    return flat.amax(dim=-1) - flat.amin(dim=-1)
 
 
 @torch.no_grad()
@@ -112,22 +118,23 @@ def greedy_block_rotation(x: torch.Tensor, cfg: RotationConfig, b: int, generato
     peak (max - min of the block) is kept."""
     t, k = x.shape
     g = k // b
-    base = base_rotation(b, generator)
-    xb = x.double().reshape(t, g, b)
+    swapped = _swapped_table(base_rotation(b, generator))  # [b, b, b]: every E_d R E_d, built once
+    # Blocks first, so each block's (token, channel) elements are one contiguous row-major run: the
+    # argmax and the peak reduce over a view, and the rotation is one batched matmul per step.
+    xb = x.double().reshape(t, g, b).transpose(0, 1).contiguous()  # [G, T, b]
     if cfg.shared:  # the code: one matrix for all blocks, searched on x.reshape(-1, b)
-        xb = xb.reshape(t * g, 1, b)
-    nb = xb.shape[1]
+        xb = x.double().reshape(1, t * g, b)
+    nb = xb.shape[0]
     total = torch.eye(b, dtype=torch.float64).expand(nb, b, b).clone()
     best = total.clone()
-    best_peak = xb.amax(dim=(0, 2)) - xb.amin(dim=(0, 2))
+    best_peak = _peak(xb)
     for _ in range(cfg.steps):
-        flat = xb.abs().transpose(0, 1).reshape(nb, -1)  # [nb, T*b], row-major over (token, channel)
-        pos = flat.argmax(dim=-1)
+        pos = xb.abs().reshape(nb, -1).argmax(dim=-1)  # row-major over (token, channel)
         d = (pos // b) % b if cfg.row_index_quirk else pos % b
-        rd = _swapped(base, d)  # [nb, b, b]
-        xb = torch.einsum("tgi,gij->tgj", xb, rd)
+        rd = swapped[d]  # [nb, b, b]
+        xb = xb @ rd
         total = total @ rd
-        peak = xb.amax(dim=(0, 2)) - xb.amin(dim=(0, 2))
+        peak = _peak(xb)
         better = peak < best_peak
         best_peak = torch.where(better, peak, best_peak)
         best[better] = total[better]
