@@ -341,7 +341,8 @@ def test_calib_memory_parsing():
 
 @pytest.mark.parametrize("spec", [{"bits": 4, "granularity": "group", "group_size": 32},
                                   {"bits": 4, "granularity": "channel", "symmetric": False},
-                                  {"bits": 3, "granularity": "group", "group_size": 64}])
+                                  {"bits": 3, "granularity": "group", "group_size": 64},
+                                  {"bits": 8, "granularity": "channel", "symmetric": False}])
 def test_row_chunked_weight_quantization_is_bit_identical(spec, monkeypatch):
     import quantkit.formats.qweight as qw
     from quantkit.formats.spec import FormatSpec

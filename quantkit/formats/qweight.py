@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 import torch
 
 from quantkit.formats import fp8, integer, mxfp4
-from quantkit.formats.packing import pack, unpack
+from quantkit.formats.packing import pack, packed_len, unpack
 from quantkit.formats.spec import FormatSpec
 
 # Scales of int and fp8 weights are stored in fp16: 16 bits per group is what "4.125 bits per
@@ -56,17 +56,23 @@ class QuantizedWeight:
         at a time, so the fp32 temporaries stay in cache (about 2x the throughput; the same codes)."""
         k = w.shape[-1]
         flat = w.reshape(-1, k)
+        rows = flat.shape[0]
         step = max(1, _CHUNK_ELEMS // k)
-        packed, scales, zeros = [], [], []
-        for i in range(0, flat.shape[0], step):
-            codes, scale, zero = quantize_codes(flat[i:i + step], spec)
-            packed.append(pack(codes, spec.bits))
-            scales.append(scale)
-            zeros.append(zero)
+        # Filled chunk by chunk: a list of chunks joined by cat would hold the packed weight twice at the end.
+        packed = torch.empty(rows, packed_len(k, spec.bits), dtype=torch.uint8, device=w.device)
+        scale = zero = None
+        for i in range(0, rows, step):
+            codes, s, z = quantize_codes(flat[i:i + step], spec)
+            if scale is None:
+                scale = torch.empty(rows, s.shape[-1], dtype=s.dtype, device=w.device)
+                zero = None if z is None else torch.empty(rows, z.shape[-1], dtype=z.dtype, device=w.device)
+            packed[i:i + step] = pack(codes, spec.bits)
+            scale[i:i + step] = s
+            if zero is not None:
+                zero[i:i + step] = z
         lead = tuple(w.shape[:-1])
-        scale = torch.cat(scales).reshape(*lead, scales[0].shape[-1])
-        zero = torch.cat(zeros).reshape(*lead, zeros[0].shape[-1]) if zeros[0] is not None else None
-        return cls(torch.cat(packed).reshape(*lead, -1), scale, zero, tuple(w.shape), spec)
+        zero = None if zero is None else zero.reshape(*lead, -1)
+        return cls(packed.reshape(*lead, -1), scale.reshape(*lead, -1), zero, tuple(w.shape), spec)
 
     @classmethod
     def from_codes(
