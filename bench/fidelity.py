@@ -44,7 +44,9 @@ SETTINGS |= {"Hadamard W4A4": ["--recipe", "hadamard-w4a4"], "Hadamard MXFP4": [
              "EAQuant W4A4 forced balance": ["--recipe", str(RECIPES / "eaquant-w4a4-force.yaml")]}
 # Issue 11 item 6: rotations searched on every calibration token (before) vs the mean sample (the code's, now).
 SETTINGS |= {"DuQuant W4A4 all-tokens rotation": ["--recipe", str(RECIPES / "duquant-w4a4-alltokens.yaml")],
-             "EAQuant W4A4 all-tokens rotation": ["--recipe", str(RECIPES / "eaquant-w4a4-alltokens.yaml")]}
+             "EAQuant W4A4 all-tokens rotation": ["--recipe", str(RECIPES / "eaquant-w4a4-alltokens.yaml")],
+             "DuQuant W4A4 float32 search": ["--recipe", str(RECIPES / "duquant-w4a4-f32search.yaml")],
+             "EAQuant W4A4 float32 search": ["--recipe", str(RECIPES / "eaquant-w4a4-f32search.yaml")]}
 # Issue 6 rows: DGQ ablations at each width (full DGQ = the shipped dgq recipes).
 for w, a in ((8, 8), (8, 6), (4, 6), (8, 4)):
     bits = ["--wbits", str(w), "--abits", str(a)]

@@ -27,6 +27,9 @@ class RotationConfig:
         rotation ([K/b, b, b], K/b times the storage).
     row_index_quirk: the code picks the swap target d from the *row* index of the reshaped input
         (`exchange_id % n`); False (default, the paper) = the channel holding the largest outlier.
+    search_dtype: what the greedy steps compute in. The result is stored in fp16 either way.
+        "float32" matches the code, which searches in the activations' own dtype, and halves the cost
+        of the per-step matmul. "float64" gives quantkit's earlier rotations.
     """
 
     block: int = 128
@@ -35,12 +38,16 @@ class RotationConfig:
     shared: bool = True
     row_index_quirk: bool = False
     seed: int = 0
+    search_dtype: str = "float64"
+
 
     def __post_init__(self) -> None:
         if self.block < 2 or self.block & (self.block - 1):
             raise QuantkitError(f"rotation block must be a power of two >= 2, got {self.block}")
         if self.steps < 0:
             raise QuantkitError(f"rotation steps must be >= 0, got {self.steps}")
+        if self.search_dtype not in ("float32", "float64"):
+            raise QuantkitError(f"rotation search dtype must be float32 or float64, got {self.search_dtype!r}")
 
     def block_for(self, k: int) -> int:
         """The block size used for an input of K channels (the largest power of two <= block dividing K)."""
@@ -118,14 +125,15 @@ def greedy_block_rotation(x: torch.Tensor, cfg: RotationConfig, b: int, generato
     peak (max - min of the block) is kept."""
     t, k = x.shape
     g = k // b
-    swapped = _swapped_table(base_rotation(b, generator))  # [b, b, b]: every E_d R E_d, built once
+    dt = getattr(torch, cfg.search_dtype)
+    swapped = _swapped_table(base_rotation(b, generator)).to(dt)  # [b, b, b]: every E_d R E_d, built once
     # Blocks first, so each block's (token, channel) elements are one contiguous row-major run: the
     # argmax and the peak reduce over a view, and the rotation is one batched matmul per step.
-    xb = x.double().reshape(t, g, b).transpose(0, 1).contiguous()  # [G, T, b]
+    xb = x.to(dt).reshape(t, g, b).transpose(0, 1).contiguous()  # [G, T, b]
     if cfg.shared:  # the code: one matrix for all blocks, searched on x.reshape(-1, b)
-        xb = x.double().reshape(1, t * g, b)
+        xb = x.to(dt).reshape(1, t * g, b)
     nb = xb.shape[0]
-    total = torch.eye(b, dtype=torch.float64).expand(nb, b, b).clone()
+    total = torch.eye(b, dtype=dt).expand(nb, b, b).clone()
     best = total.clone()
     best_peak = _peak(xb)
     for _ in range(cfg.steps):
@@ -138,7 +146,7 @@ def greedy_block_rotation(x: torch.Tensor, cfg: RotationConfig, b: int, generato
         better = peak < best_peak
         best_peak = torch.where(better, peak, best_peak)
         best[better] = total[better]
-    return best
+    return best.double()
 
 
 def zigzag_permutation(x: torch.Tensor, b: int) -> torch.Tensor:

@@ -163,13 +163,14 @@ def test_gptq_lowers_output_error(spec):
     assert torch.isfinite(qg.dequantize()).all()
 
 
-def _official_greedy(x, base, steps, row_index):
+def _official_greedy(x, base, steps, row_index, dtype=torch.float64):
     """The official DuQuant `rotation()` loop, re-derived from its semantics (shared matrix over
     x.reshape(-1, n)): per step, find the arg-max and arg-min elements, take the larger in magnitude,
     swap d = (its row index) % n [official] or its column [paper] into position 0, rotate by E_d R E_d;
-    keep the prefix of steps before the smallest max - min peak."""
+    keep the prefix of steps before the smallest max - min peak. Computed in `dtype` (the code: the input's)."""
     n = base.shape[0]
-    w = x.double().reshape(-1, n).clone()
+    base = base.to(dtype)
+    w = x.to(dtype).reshape(-1, n).clone()
     seq, peaks = [], []
     for j in range(steps + 1):
         r, c = divmod(int(w.argmax()), n)
@@ -185,25 +186,29 @@ def _official_greedy(x, base, steps, row_index):
         w = w @ rd
         seq.append(rd)
     k = min(range(len(peaks)), key=peaks.__getitem__)
-    total = torch.eye(n, dtype=torch.float64)
+    total = torch.eye(n, dtype=dtype)
     for rd in seq[:k]:
         total = total @ rd
-    return total
+    return total.double()
 
 
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
 @pytest.mark.parametrize("quirk", [True, False], ids=["row_index_quirk", "paper"])
-def test_greedy_rotation_matches_the_official_loop(quirk):
+def test_greedy_rotation_matches_the_official_loop(quirk, dtype):
     from quantkit.quantizers.rotation import greedy_block_rotation
 
     g = torch.Generator().manual_seed(5)
     x = torch.randn(24, 64, generator=g)
     x[3, 17] = 25.0  # token 3, channel 17: row 3 * 4 + 1 = 13 of the [-1, 16] view, column 1
     x[10, 40] = -30.0
-    b, cfg = 16, RotationConfig(block=16, steps=12, shared=True, row_index_quirk=quirk, seed=0)
+    b = 16
+    cfg = RotationConfig(block=16, steps=12, shared=True, row_index_quirk=quirk, seed=0, search_dtype=dtype)
     got = greedy_block_rotation(x.double(), cfg, b, torch.Generator().manual_seed(0))
     base = base_rotation(b, torch.Generator().manual_seed(0))
-    want = _official_greedy(x, base, 12, row_index=quirk)
-    assert got.shape == (1, b, b)
+    want = _official_greedy(x, base, 12, row_index=quirk, dtype=getattr(torch, dtype))
+    assert got.shape == (1, b, b) and got.dtype == torch.float64
     assert torch.allclose(got[0], want, atol=1e-10)
+    if dtype == "float32":  # really searched in float32: the float64 search gives other low bits
+        assert not torch.equal(got[0], _official_greedy(x, base, 12, row_index=quirk))
     other = _official_greedy(x, base, 12, row_index=not quirk)
     assert not torch.allclose(want, other, atol=1e-3)  # the two semantics really differ on this input

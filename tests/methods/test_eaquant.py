@@ -313,3 +313,16 @@ def test_dense_rotations_fit_on_the_mean_sample_as_the_official_code(where, monk
     bad = Recipe.load("duquant-w4a4-fast")
     with pytest.raises(QuantkitError, match="rotation_input"):
         DuQuant(bad.replace(method_options={**bad.method_options, "rotation_input": "median"}))
+
+
+def test_rotation_search_dtype_option_reaches_the_search_and_bad_values_are_one_line():
+    from quantkit.errors import QuantkitError
+    from quantkit.methods import get_method
+
+    rec = _recipe("duquant-w4a4-fast")
+    assert get_method("duquant", rec).rot_cfg.search_dtype == "float64"  # default: earlier rotations kept
+    fast = rec.replace(method_options={**rec.method_options, "rotation_search_dtype": "float32"})
+    assert get_method("duquant", fast).rot_cfg.search_dtype == "float32"
+    bad = rec.replace(method_options={**rec.method_options, "rotation_search_dtype": "half"})
+    with pytest.raises(QuantkitError, match="float32 or float64"):
+        get_method("duquant", bad)
