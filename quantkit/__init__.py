@@ -1,8 +1,6 @@
 """quantkit: post-training quantization of diffusion models and Mixture-of-Experts language models."""
 from __future__ import annotations
 
-from typing import Any
-
 __version__ = "0.1.0"
 
 

@@ -40,7 +40,6 @@ class RotationConfig:
     seed: int = 0
     search_dtype: str = "float64"
 
-
     def __post_init__(self) -> None:
         if self.block < 2 or self.block & (self.block - 1):
             raise QuantkitError(f"rotation block must be a power of two >= 2, got {self.block}")
@@ -129,9 +128,10 @@ def greedy_block_rotation(x: torch.Tensor, cfg: RotationConfig, b: int, generato
     swapped = _swapped_table(base_rotation(b, generator)).to(dt)  # [b, b, b]: every E_d R E_d, built once
     # Blocks first, so each block's (token, channel) elements are one contiguous row-major run: the
     # argmax and the peak reduce over a view, and the rotation is one batched matmul per step.
-    xb = x.to(dt).reshape(t, g, b).transpose(0, 1).contiguous()  # [G, T, b]
     if cfg.shared:  # the code: one matrix for all blocks, searched on x.reshape(-1, b)
         xb = x.to(dt).reshape(1, t * g, b)
+    else:
+        xb = x.to(dt).reshape(t, g, b).transpose(0, 1).contiguous()  # [G, T, b]
     nb = xb.shape[0]
     total = torch.eye(b, dtype=dt).expand(nb, b, b).clone()
     best = total.clone()
