@@ -59,13 +59,12 @@ class QuantizedWeight:
         rows = flat.shape[0]
         step = max(1, _CHUNK_ELEMS // k)
         # Filled chunk by chunk: a list of chunks joined by cat would hold the packed weight twice at the end.
+        groups = integer.num_groups(k, spec)
         packed = torch.empty(rows, packed_len(k, spec.bits), dtype=torch.uint8, device=w.device)
-        scale = zero = None
+        scale = torch.empty(rows, groups, dtype=WEIGHT_SCALE_DTYPE, device=w.device)
+        zero = None if spec.symmetric else torch.empty(rows, groups, dtype=torch.uint8, device=w.device)
         for i in range(0, rows, step):
             codes, s, z = quantize_codes(flat[i:i + step], spec)
-            if scale is None:
-                scale = torch.empty(rows, s.shape[-1], dtype=s.dtype, device=w.device)
-                zero = None if z is None else torch.empty(rows, z.shape[-1], dtype=z.dtype, device=w.device)
             packed[i:i + step] = pack(codes, spec.bits)
             scale[i:i + step] = s
             if zero is not None:
