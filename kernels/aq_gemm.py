@@ -77,9 +77,10 @@ def _aq_gemm_kernel(
         if PER_TILE:
             ga = 0 if A_GROUP == 0 else k0 // A_GROUP
             a_scale = tl.load(a_scale_rows + ga, mask=mask_m, other=0.0)  # [BLOCK_M, 1]
-            acc += tl.dot(a, w_int).to(tl.float32) * a_scale * w_scale  # int32 tile, scaled once
+            acc += tl.dot(a, w_int, out_dtype=tl.int32).to(tl.float32) * a_scale * w_scale  # int32 tile, scaled once
         else:
-            acc_i = tl.dot(a, w_int, acc_i)  # exact int32 accumulation over all of K
+            # out_dtype spelled out: triton <= 3.6 checks the accumulator against it (default fp32)
+            acc_i = tl.dot(a, w_int, acc_i, out_dtype=tl.int32)  # exact int32 accumulation over all of K
 
     if not PER_TILE:
         w_scale, zero = group_scale_zero(s_rows, z_rows, 0, stride_sg, stride_zg, mask_n,

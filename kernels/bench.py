@@ -15,6 +15,7 @@ import argparse
 import json
 import sys
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 import torch
 
@@ -91,7 +92,9 @@ def measure(case, flush, reps: int, peak: float | None) -> Row:
                base, None if ref is None else ref / t_kernel, frac, err, ok, notes)
 
 
-def run(kernels: list[str], ms: list[int], dtypes: list[str], reps: int, peak: float | None) -> list[Row]:
+def run(kernels: list[str], ms: list[int], dtypes: list[str], reps: int, peak: float | None,
+        on_row: Callable[[list[Row]], None] | None = None) -> list[Row]:
+    """Measure every case; a case that raises becomes a failed row. on_row(rows so far) after each row."""
     from quantkit.kernels.bench_cases import linear_case, moe_case
     from quantkit.kernels.bench_timing import flush_buffer
 
@@ -105,10 +108,17 @@ def run(kernels: list[str], ms: list[int], dtypes: list[str], reps: int, peak: f
                     cases = [lambda s=s: moe_case(kernel, m, *s[1:], DTYPES[dt], dev) for s in MOE_SHAPES]
                 else:
                     cases = [lambda s=s: linear_case(kernel, m, *s, DTYPES[dt], dev) for s in LINEAR_SHAPES]
-                for build in cases:
-                    row = measure(build(), flush, reps, peak)
+                for i, build in enumerate(cases):
+                    try:
+                        row = measure(build(), flush, reps, peak)
+                    except Exception as e:  # one broken case is reported as a failure, the sweep goes on
+                        shape = MOE_SHAPES[i][0] if kernel.startswith("moe") else "x".join(map(str, LINEAR_SHAPES[i]))
+                        row = Row(kernel, shape, m, dt, float("nan"), float("nan"), {}, None, None, float("inf"),
+                                  False, [f"ERROR {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"])
                     rows.append(row)
                     print_row(row)
+                    if on_row is not None:
+                        on_row(rows)
                     torch.cuda.empty_cache()
     return rows
 
@@ -154,11 +164,12 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"tuning table saved to {tune(dtypes, args.reps)}")
     print(f"{'kernel':<13} {'shape':<22} {'dt':<4} {'M':>5} {'kern us':>9} {'e2e us':>9} {'vs fp':>8} {'BW':>6} check  baselines (us)")
-    rows = run(kernels, ms, dtypes, args.reps, peak)
-    if args.json:
+    def write_json(rows: list[Row]) -> None:  # after every row, so a run cut short keeps what it measured
         with open(args.json, "w") as f:
             json.dump({"gpu": name, "torch": torch.__version__, "triton": triton.__version__,
                        "cuda": torch.version.cuda, "rows": [asdict(r) for r in rows]}, f, indent=1)
+
+    rows = run(kernels, ms, dtypes, args.reps, peak, write_json if args.json else None)
     return 0 if all(r.ok for r in rows) else 1
 
 

@@ -79,6 +79,8 @@ def tune(dtypes: list[str], reps: int) -> Path:
             if (n, k) == LINEAR_SHAPES[0]:
                 cross = crossover_from(times)
                 crossover[fmt] = cross if cross is not None else 1 << 30  # packed wins everywhere measured
+        table.update(tiles=tiles, crossover=crossover)
+        save_table(name, table)  # after each format, so a run cut short keeps what it measured
     table.update(tiles=tiles, crossover=crossover, moe_tiles=tune_moe(dtype, flush, reps, table.get("moe_tiles", {})))
     return save_table(name, table)
 

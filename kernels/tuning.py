@@ -8,8 +8,9 @@ One JSON file per GPU model, written by the GPU benchmark (`quantkit.kernels.ben
      "moe_tiles": {"int4-g128|E8|28672x4096|4096x14336|16": [16, 256, 4, 4], ...}}
      # fused MoE: fmt|experts|gate/up NxK|down NxK|pairs-per-expert bucket -> tile of both launches
 
-Files live in $QUANTKIT_TUNING_DIR, else ~/.cache/quantkit/kernels. Without an entry the defaults
-below apply, and they are not measurements (BENCHMARKS.md says "pending" until a GPU run replaces them).
+Files live in $QUANTKIT_TUNING_DIR, else ~/.cache/quantkit/kernels. A GPU with no file there uses the
+table shipped in kernels/tuned/ for its model, if one was measured (BENCHMARKS.md, "GPU timings"). Without
+an entry the defaults below apply, and they are not measurements.
 """
 from __future__ import annotations
 
@@ -31,6 +32,9 @@ DEFAULT_CROSSOVER_M = 512
 M_TUNE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096)
 
 
+SHIPPED_DIR = Path(__file__).parent / "tuned"  # tables measured on a GPU model and shipped with quantkit
+
+
 def tuning_dir() -> Path:
     return Path(os.environ.get("QUANTKIT_TUNING_DIR", Path.home() / ".cache" / "quantkit" / "kernels"))
 
@@ -41,10 +45,14 @@ def gpu_file_name(gpu_name: str) -> str:
 
 @functools.cache
 def load_table(gpu_name: str) -> dict:
-    """The tuning table of a GPU model; {} when there is none (a broken file is a warning, then {})."""
+    """The tuning table of a GPU model: the user's own (`--tune`), else the shipped one, else {}.
+    A broken file is a warning, then {}."""
     path = tuning_dir() / gpu_file_name(gpu_name)
     if not path.is_file():
-        return {}
+        path = SHIPPED_DIR / gpu_file_name(gpu_name)
+        if not path.is_file():
+            return {}
+        log.info("kernel tuning: using the table shipped for %s (%s)", gpu_name, path.name)
     try:
         table = json.loads(path.read_text())
     except (OSError, ValueError) as e:

@@ -1,6 +1,7 @@
 """Packed kernel layout, tile / split-K / large-M rules, per-GPU tuning tables, load-time fallback report."""
 from __future__ import annotations
 
+import json
 import logging
 
 import pytest
@@ -94,6 +95,18 @@ def test_tuning_table_round_trip(tmp_path, monkeypatch: pytest.MonkeyPatch) -> N
     assert tuning.crossover_m("NVIDIA H100 80GB HBM3", "int4-g128") == (768, True)
     (tmp_path / "Broken.json").write_text("{not json")
     assert tuning.load_table("Broken") == {}
+    tuning.load_table.cache_clear()
+
+
+def test_shipped_tuning_table_serves_until_the_user_tunes(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The H200 table measured on 2026-12-04 ships with the package; a user's own --tune file replaces it."""
+    monkeypatch.setenv("QUANTKIT_TUNING_DIR", str(tmp_path))
+    tuning.load_table.cache_clear()
+    shipped = json.loads((tuning.SHIPPED_DIR / "NVIDIA_H200.json").read_text())
+    assert tuning.crossover_m("NVIDIA H200", "int4-g128") == (shipped["crossover"]["int4-g128"], True)
+    assert tuning.crossover_m("NVIDIA H200", "int8-g128") == (tuning.DEFAULT_CROSSOVER_M, False)  # not measured
+    tuning.save_table("NVIDIA H200", {"crossover": {"int4-g128": 4096}})
+    assert tuning.crossover_m("NVIDIA H200", "int4-g128") == (4096, True)
     tuning.load_table.cache_clear()
 
 
