@@ -63,3 +63,23 @@ def test_grouped_gemm_baseline_is_the_moe_layer() -> None:
             ref[ti] += wts[ti, s] * ((F.silu(g) * u) @ w_dn[ex].T)
     # fp32 with outputs ~100: summation order differs (bmm vs vector-matrix), so a relative bound
     assert torch.allclose(grouped_gemm_baseline(x, idx, wts, w_gu, w_dn)(), ref, rtol=1e-4, atol=1e-3)
+
+
+def test_a_case_that_raises_is_a_failed_row_and_the_sweep_goes_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the first H200 run one kernel's compile error ended the whole sweep; now it is a FAIL row naming the
+    error, the other cases still run, and the JSON callback sees every row as it comes."""
+    from quantkit.kernels import bench_cases, bench_timing
+
+    monkeypatch.setattr(bench_timing, "flush_buffer", lambda dev: torch.empty(1))
+    built = []
+
+    def linear_case(kernel, m, n, k, dtype, dev):
+        built.append((n, k))
+        raise RuntimeError("CompilationError: at 56:20:\nmore lines")
+
+    monkeypatch.setattr(bench_cases, "linear_case", linear_case)
+    seen = []
+    rows = bench.run(["w8a8"], [16], ["bf16"], 1, None, on_row=lambda r: seen.append(len(r)))
+    assert built == list(bench_cases.LINEAR_SHAPES)  # every shape was tried
+    assert [r.ok for r in rows] == [False] * len(built) and seen == list(range(1, len(built) + 1))
+    assert rows[0].notes == ["ERROR RuntimeError: CompilationError: at 56:20:"] and rows[0].shape == "8192x8192"
