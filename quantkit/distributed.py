@@ -176,6 +176,28 @@ class RankShare:
             raise QuantkitError(f"expert {missing[0]} was quantized by no rank (the ranks disagree on the layer)")
         return [joined[e] for e in range(n)]
 
+    def exchange(self, mine: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        """Every rank's {expert: tensor} joined, on every rank (tensors travel through host memory)."""
+        import torch.distributed as dist
+
+        parts: list[Any] = [None] * self.env.world_size
+        dist.all_gather_object(parts, {e: t.cpu() for e, t in mine.items()})
+        joined: dict[int, torch.Tensor] = {}
+        for p in parts:
+            joined.update(p)
+        if dist.get_backend() == "nccl":
+            here = self._device()
+            joined = {e: t.to(here) for e, t in joined.items()}
+        return joined
+
+    def reduce_max(self, t: torch.Tensor) -> torch.Tensor:
+        """The elementwise maximum over the ranks (exact in any order)."""
+        import torch.distributed as dist
+
+        out = t.detach().to(self._device(), copy=True)
+        dist.all_reduce(out, op=dist.ReduceOp.MAX)
+        return out.to(t.device)
+
     def calls_of(self, calls: list[Any]) -> list[Any]:
         """This rank's calibration calls: call k on rank k % world_size."""
         return calls[self.env.rank::self.env.world_size]

@@ -149,6 +149,8 @@ def quantize_model(loaded: LoadedModel, recipe: Recipe, *, calib_prompts: str | 
     if calls is not None:
         calls = [cast_call(c, model_dtype(root)) for c in calls]
     method.ranks = ranks
+    method.expert_shard = (_expert_shard(root, ranks, stream, tasks) if ranks is not None and method.expert_parallel
+                           else None)
     store = _walk_store(work_dir, recipe, loaded, calls, ranks) if work_dir is not None and method.walk_resume else None
     if ranks is not None and calls is not None and method.data_parallel:
         calls = ranks.calls_of(calls)  # (after the store: its fingerprint is the whole run's)
@@ -174,6 +176,9 @@ def quantize_model(loaded: LoadedModel, recipe: Recipe, *, calib_prompts: str | 
     unit_no = 0
     give_back_outside = stream is not None and calls is not None and not adapter.outside_between_blocks
     block_seconds: dict[str, float] = {}
+    split_forwards = contextlib.ExitStack()
+    if method.expert_shard is not None:  # each rank runs its own experts in the full-precision forwards
+        split_forwards.enter_context(method.expert_shard.forwards())
     try:
         for i, bname, block in walk:
             tb = time.perf_counter()
@@ -238,6 +243,7 @@ def quantize_model(loaded: LoadedModel, recipe: Recipe, *, calib_prompts: str | 
         if stream is not None and walk:
             stream.leave(*blocks[walk[-1][0]])
     finally:
+        split_forwards.close()
         for p in (prop, fp_prop):
             if p is not None:
                 p.close()
@@ -293,6 +299,28 @@ def _release_outside(stream: BlockStream) -> None:
     release = getattr(stream, "release_outside", None)
     if release is not None:
         release()
+
+
+def _expert_shard(root: nn.Module, ranks: Any, stream: BlockStream | None, tasks: list[LayerTask]) -> Any:
+    """The expert split with each rank holding only its own experts (quantkit.expert_shard), when every experts
+    module of the model can be split that way and is quantized (one left in full precision is written whole);
+    the stream's loader then reads only those experts."""
+    from quantkit.expert_shard import ExpertShard, splittable_experts
+
+    modules, problem = splittable_experts(root)
+    if not modules:
+        return None
+    quantized = {id(t.module) for t in tasks if not t.plan.skip}
+    kept = next((type(m).__name__ for m in modules if id(m) not in quantized), None)
+    if problem is None and kept is not None:
+        problem = f"a {kept} module stays in full precision, so it is written whole"
+    if problem is not None:
+        log.warning("every rank holds all the experts of each block (their work is still split): %s", problem)
+        return None
+    loader = getattr(stream, "loader", None)
+    if loader is not None:
+        loader.keep_expert = ranks.owns
+    return ExpertShard(ranks, modules)
 
 
 def _stream_outside(stream: BlockStream) -> None:

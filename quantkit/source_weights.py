@@ -13,7 +13,7 @@ import json
 import logging
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -111,6 +111,10 @@ class ModuleLoader:
 
     def __init__(self, root: nn.Module, source: SourceWeights, dtype: torch.dtype) -> None:
         self.root, self.source, self.dtype = root, source, dtype
+        # A rank of the expert split that holds only its own experts (quantkit.expert_shard) sets this:
+        # per-expert source tensors of other experts are then not read into fused experts tensors.
+        self.keep_expert: Callable[[int], bool] | None = None
+        self._partial: list[int] = []  # data pointers of fused experts tensors holding only kept experts
         self.transformers = _is_transformers(root)
         self.targets: dict[str, list[str]] = {}  # model key -> checkpoint keys it is made from
         if self.transformers:
@@ -195,8 +199,8 @@ class ModuleLoader:
 
         from quantkit.expert_merge import single_copy_mapping
 
-        cfg = LoadStateDictConfig(dtype=self.dtype, weight_mapping=single_copy_mapping(self.mapping),
-                                  device_map={"": "cpu"})
+        cfg = LoadStateDictConfig(dtype=self.dtype, device_map={"": "cpu"},
+                                  weight_mapping=single_copy_mapping(self.mapping, self.keep_expert, self._partial))
         bars = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()  # one "Loading weights" bar per block would drown the CLI's own
         try:
@@ -226,9 +230,22 @@ class ModuleLoader:
                     t.data = mapped.clone()
                     release_pages(mapped)
 
+    def held(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+        """The tensors as this loader filled them: of a fused experts tensor holding only kept experts, the kept
+        experts' slices (the others were never written and must not be read)."""
+        for name, t in named_tensors:
+            if self.keep_expert is not None and not t.is_meta and t.data_ptr() in self._partial:
+                for e in range(t.shape[0]):
+                    if self.keep_expert(e):
+                        yield f"{name}[{e}]", t[e]
+            else:
+                yield name, t
+
     def release(self, prefix: str) -> None:
         """Hand a module's memory back: its tensors become meta tensors again."""
         mod = self.root.get_submodule(prefix) if prefix else self.root
+        held = {t.data_ptr() for t in mod.parameters() if not t.is_meta}
+        self._partial = [p for p in self._partial if p not in held]
         mod.to("meta")
 
     def release_outside(self, blocks: list[str]) -> None:

@@ -232,7 +232,7 @@ class StreamSession:
         from quantkit.source_check import check_finite
 
         self.loader.materialize([name])
-        check_finite(module.state_dict(prefix=f"{name}.").items(), str(self.loaded.path))
+        check_finite(self.loader.held(module.state_dict(prefix=f"{name}.").items()), str(self.loaded.path))
         release_freed_memory()  # the conversion's temporaries
         nbytes = sum(t.numel() * t.element_size() for t in module.state_dict().values())
         self.peak_block_bytes = max(self.peak_block_bytes, nbytes)

@@ -10,8 +10,24 @@ from quantkit.cli import app
 from quantkit.distributed import RankShare
 
 if os.environ.get("RANK") == "1":
+    from quantkit.expert_merge import MergeConcatInPlace
+
     original = RankShare.gather
     mine_per_layer: list[list[int]] = []
+    held_per_tensor: list[object] = []  # per fused experts tensor read from per-expert source tensors
+    convert = MergeConcatInPlace.convert
+
+    def recording_convert(self, *args, **kwargs):
+        keep, copied = self.keep, set()
+        if keep is not None:
+            self.keep = lambda e: keep(e) and not copied.add(e)
+        try:
+            return convert(self, *args, **kwargs)
+        finally:
+            self.keep = keep
+            held_per_tensor.append(sorted(copied) if keep is not None else "all")
+
+    MergeConcatInPlace.convert = recording_convert
 
     def recording(self, mine, n):
         mine_per_layer.append(sorted(mine))
@@ -25,5 +41,10 @@ if os.environ.get("RANK") == "1":
             print(f"rank 1 quantized experts {mine_per_layer[0]} of every layer ({len(mine_per_layer)} layers)")
         else:
             print(f"rank 1 quantized experts {mine_per_layer}")
+        if held_per_tensor and all(h == held_per_tensor[0] for h in held_per_tensor):
+            print(f"rank 1 read experts {held_per_tensor[0]} of every fused experts tensor "
+                  f"({len(held_per_tensor)} tensors)")
+        elif held_per_tensor:
+            print(f"rank 1 read experts {held_per_tensor}")
 
 sys.exit(app(sys.argv[1:]))

@@ -131,6 +131,8 @@ def test_eaquant_experts_split_across_ranks_equal_one_process(flags, moe8, eaqua
     assert p.returncode == 0, p.stdout + p.stderr
     assert "2 ranks" in p.stdout and "every rank walks the calibrated blocks" in p.stdout
     assert "rank 1 quantized experts [1, 3, 5, 7] of every layer (4 layers)" in p.stdout  # its half, no more
+    if "--stream" in flags:  # and it read only those experts' weights (gate_up and down of 4 layers)
+        assert "rank 1 read experts [1, 3, 5, 7] of every fused experts tensor (8 tensors)" in p.stdout, p.stdout
     _equal(tmp_path / "one", tmp_path / "two")  # smoothing folded into the norms, router alignment, experts
     assert not list(tmp_path.glob(".two.*"))
 

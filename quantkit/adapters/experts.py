@@ -218,3 +218,43 @@ def moe_roles(root: nn.Module) -> dict[int, str]:
             elif id(sub) not in roles:
                 roles[id(sub)] = "shared_expert"
     return roles
+
+
+# The experts implementations whose arithmetic quantkit.expert_shard reproduces when each rank computes only
+# its own experts: transformers' grouped one (sort pairs by expert, grouped matmul, per-token sum over the
+# top-k slots) and its eager per-expert loop (index_add_ in expert order).
+SPLIT_IMPLEMENTATIONS = ("grouped_mm", "eager")
+
+
+def _eager_loop_source() -> str | None:
+    """transformers' eager per-expert loop as its experts-interface families share it (modular transformers
+    copies one text into each; OLMoE's copy is the reference)."""
+    try:
+        from transformers.models.olmoe.modeling_olmoe import OlmoeExperts
+    except ImportError:
+        return None
+    fn = getattr(OlmoeExperts.forward, "__wrapped__", None)
+    return inspect.getsource(fn) if fn is not None else None
+
+
+def experts_implementation(module: nn.Module) -> str:
+    """The transformers experts implementation this module's forward runs ('eager' when it names none)."""
+    return getattr(getattr(module, "config", None), "_experts_implementation", None) or "eager"
+
+
+def expert_split_problem(module: nn.Module) -> str | None:
+    """None if one rank can compute this experts module's output from its own experts' outputs and the other
+    ranks' (quantkit.expert_shard) bit for bit; else why not."""
+    layout = expert_layout(module)
+    name = type(module).__name__
+    if layout is None or layout.kind != "fused" or layout.call != "routed":
+        return f"{name} is not a routed experts module of transformers' experts interface"
+    fn = getattr(type(module).forward, "__wrapped__", None)  # the interface's dispatching forward wraps it
+    if fn is None or not hasattr(module, "has_gate"):
+        return f"{name} does not dispatch through transformers' experts interface"
+    impl = experts_implementation(module)
+    if impl not in SPLIT_IMPLEMENTATIONS:
+        return f"{name} runs the {impl!r} experts implementation (split: {', '.join(SPLIT_IMPLEMENTATIONS)})"
+    if impl == "eager" and inspect.getsource(fn) != _eager_loop_source():
+        return f"{name}'s eager forward is not transformers' standard per-expert loop"
+    return None

@@ -80,6 +80,9 @@ class Method:
     expert_parallel = False
     data_parallel = False
     ranks: Any = None
+    # With the expert split, each rank holds only its own experts (quantkit.expert_shard.ExpertShard, set
+    # for the walk when every experts module of the model can be split): reductions over experts go through it.
+    expert_shard: Any = None
 
     def __init__(self, recipe: Recipe) -> None:
         self.recipe = recipe

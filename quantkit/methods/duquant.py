@@ -29,7 +29,7 @@ from quantkit.quantizers.clip_search import mse_clip_quantize
 from quantkit.quantizers.gptq import gptq_quantize, hessian
 from quantkit.quantizers.online_rotation import OnlineRotation
 from quantkit.quantizers.rotation import RotationConfig, fit_rotation
-from quantkit.quantizers.smoothing import SmoothingStats, fold_scale, norm_groups, smoothquant_scale
+from quantkit.quantizers.smoothing import SmoothingStats, fold_scale, group_smoothquant_scale, norm_groups
 
 log = logging.getLogger(__name__)
 
@@ -282,10 +282,10 @@ class DuQuant(Method):
             ctx.run()
         for gi, g in enumerate(groups):
             if gi in stats.act and g.weights():
-                fold_scale(g, self.smoothing_scale(g, stats, gi))
+                fold_scale(g, self.smoothing_scale(g, stats, gi), self.expert_shard)
 
     def smoothing_scale(self, g, stats: SmoothingStats, gi: int) -> torch.Tensor:
-        return smoothquant_scale(stats.act[gi], g.weights(), float(self.opt["alpha"]))
+        return group_smoothquant_scale(stats.act[gi], g, float(self.opt["alpha"]), self.expert_shard)
 
     # ---- layers ------------------------------------------------------------------------------
     def fit(self, x: torch.Tensor) -> tuple | None:

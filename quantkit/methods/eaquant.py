@@ -49,7 +49,7 @@ class EAQuant(DuQuant):
         if g.experts is None:  # attention inputs, dense MLPs: plain SmoothQuant
             return super().smoothing_scale(g, stats, gi)
         return eaquant_scale(g, stats.act[gi], stats.expert.get(gi, {}), float(self.opt["alpha"]),
-                             self.opt["smooth_merge"])
+                             self.opt["smooth_merge"], self.expert_shard)
 
     def router_weight(self, w: torch.Tensor, spec: FormatSpec, x_in: torch.Tensor,
                       idx: torch.Tensor | None) -> tuple[QuantizedWeight, dict | None]:

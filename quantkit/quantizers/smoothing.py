@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -72,38 +73,72 @@ def smoothquant_scale(act_absmax: torch.Tensor, weights: list[torch.Tensor], alp
     return requirement(act_absmax, w, alpha)
 
 
+def experts_col_absmax(w: torch.Tensor, shard: Any = None) -> torch.Tensor:
+    """max |W[e, ..., j]| over every expert e; with a shard (quantkit.expert_shard), from each rank's own
+    experts (the only ones it holds) and a maximum across ranks: the same numbers, in any order."""
+    if shard is None:
+        return _col_absmax(w)
+    own = [_col_absmax(w[e]) for e in range(w.shape[0]) if shard.owns(e)]
+    local = torch.stack(own).amax(dim=0) if own else torch.zeros(w.shape[-1], device=w.device)
+    return shard.max_(local)
+
+
+def group_smoothquant_scale(act_absmax: torch.Tensor, group: NormGroup, alpha: float,
+                            shard: Any = None) -> torch.Tensor:
+    """smoothquant_scale over a group's consumers, its experts read through `shard` (see experts_col_absmax)."""
+    if shard is None or group.experts is None:
+        return smoothquant_scale(act_absmax, group.weights(), alpha)
+    cols = [_col_absmax(x) for x in list(group.router) + list(group.others)]
+    cols.append(experts_col_absmax(group.experts, shard))
+    return requirement(act_absmax, torch.stack(cols).amax(dim=0), alpha)
+
+
 def eaquant_scale(group: NormGroup, act_absmax: torch.Tensor, expert_absmax: dict[int, torch.Tensor],
-                  alpha: float, merge: str = "max_gate") -> torch.Tensor:
+                  alpha: float, merge: str = "max_gate", shard: Any = None) -> torch.Tensor:
     """EAQuant's expert-aware aggregation (METHODS.md §3.1):
 
         s_j = max( s_router_j, max_i s^i_j ),  s^i_j = max|x^i_j|^a / max|W^i_j|^(1-a)
 
     x^i = only the tokens routed to expert i, W^i = its gate and up rows; the router term uses all
     tokens. merge 'max_gate' (default) is the paper's formula; 'max' is the official code's default,
-    which multiplies the router term by 0. Experts that got no token put no requirement."""
+    which multiplies the router term by 0. Experts that got no token put no requirement. With a shard
+    (quantkit.expert_shard) each rank computes its own experts' terms and the maximum is taken across
+    ranks (requirements are >= 1e-5, so a rank with none contributes zeros)."""
     if merge not in MERGES:
         raise ValueError(f"unknown smoothing merge {merge!r}; allowed: {', '.join(MERGES)}")
     terms = []
     if group.experts is not None:
         for e, amax in sorted(expert_absmax.items()):
-            terms.append(requirement(amax, _col_absmax(group.experts[e]), alpha))
+            if shard is None or shard.owns(e):
+                terms.append(requirement(amax, _col_absmax(group.experts[e]), alpha))
     if merge == "max_gate" and group.router:
         w = torch.stack([_col_absmax(x) for x in group.router]).amax(dim=0)
         terms.append(requirement(act_absmax, w, alpha))
+    if shard is not None:
+        local = torch.stack(terms).amax(dim=0) if terms else torch.zeros(act_absmax.shape[-1])
+        if shard.any_(bool(terms)):
+            return shard.max_(local)
+        terms = []
     if not terms:  # no routed expert saw a token and no router term: fall back to SmoothQuant
-        return smoothquant_scale(act_absmax, group.weights(), alpha)
+        return group_smoothquant_scale(act_absmax, group, alpha, shard)
     return torch.stack(terms).amax(dim=0)
 
 
 @torch.no_grad()
-def fold_scale(group: NormGroup, s: torch.Tensor) -> None:
-    """g / s into the norm (and its bias), every consumer's input columns * s."""
+def fold_scale(group: NormGroup, s: torch.Tensor, shard: Any = None) -> None:
+    """g / s into the norm (and its bias), every consumer's input columns * s (with a shard: the rank's
+    own experts only, the slices it holds)."""
     norm = group.norm
     norm.weight.div_(s.to(norm.weight.dtype))
     if getattr(norm, "bias", None) is not None:
         norm.bias.div_(s.to(norm.bias.dtype))
     for w in group.weights():
-        w.mul_(s.to(w.dtype))
+        if shard is not None and w is group.experts:
+            for e in range(w.shape[0]):
+                if shard.owns(e):
+                    w[e].mul_(s.to(w.dtype))
+        else:
+            w.mul_(s.to(w.dtype))
 
 
 class SmoothingStats:
