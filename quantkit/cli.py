@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from quantkit.cli_choices import (DEVICES, JSON_HELP, METHOD_NAMES, ROUNDING_NAMES, WEIGHT_FORMATS, emit_json, one_of,
@@ -34,7 +35,7 @@ def user_errors() -> Iterator[None]:
     try:
         yield
     except QuantkitError as e:
-        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
         err_console.print("[bold red]interrupted[/]: nothing half-written was left behind")
@@ -42,7 +43,9 @@ def user_errors() -> Iterator[None]:
     except Exception as e:  # a bug, not bad input: still one line unless asked for the traceback
         if os.environ.get("QUANTKIT_DEBUG"):
             raise
-        err_console.print(f"[bold red]internal error:[/] {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+        # (escaped: a message may hold brackets, e.g. a gloo error's "[/path/pair.cc:553]", not markup)
+        first = escape(str(e).splitlines()[0]) if str(e) else ""
+        err_console.print(f"[bold red]internal error:[/] {type(e).__name__}: {first} "
                           "(set QUANTKIT_DEBUG=1 for the traceback)", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
 

@@ -35,6 +35,10 @@ class MergeConcatInPlace(ConversionOps):  # type: ignore[misc,valid-type]
         self.keep = keep
         self.partial = partial if partial is not None else []
 
+    def __deepcopy__(self, memo: dict) -> "MergeConcatInPlace":
+        # transformers copies a model's converters per load; the copy must report into the loader's list
+        return MergeConcatInPlace(self.dim, self.chain, self.keep, self.partial)
+
     @torch.no_grad()
     def convert(self, input_dict: dict[str, Any], source_patterns: list[str], target_patterns: list[str],
                 **kwargs: Any) -> dict[str, torch.Tensor]:

@@ -114,7 +114,7 @@ class ModuleLoader:
         # A rank of the expert split that holds only its own experts (quantkit.expert_shard) sets this:
         # per-expert source tensors of other experts are then not read into fused experts tensors.
         self.keep_expert: Callable[[int], bool] | None = None
-        self._partial: list[int] = []  # data pointers of fused experts tensors holding only kept experts
+        self._partial: set[str] = set()  # keys of fused experts tensors holding only the kept experts
         self.transformers = _is_transformers(root)
         self.targets: dict[str, list[str]] = {}  # model key -> checkpoint keys it is made from
         if self.transformers:
@@ -199,8 +199,9 @@ class ModuleLoader:
 
         from quantkit.expert_merge import single_copy_mapping
 
+        partial: list[int] = []  # data pointers of the fused tensors that hold only the kept experts
         cfg = LoadStateDictConfig(dtype=self.dtype, device_map={"": "cpu"},
-                                  weight_mapping=single_copy_mapping(self.mapping, self.keep_expert, self._partial))
+                                  weight_mapping=single_copy_mapping(self.mapping, self.keep_expert, partial))
         bars = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()  # one "Loading weights" bar per block would drown the CLI's own
         try:
@@ -215,6 +216,12 @@ class ModuleLoader:
             name = sorted(info.conversion_errors)[0]
             raise QuantkitError(f"source tensors of {name} could not be converted: {info.conversion_errors[name]}")
         del state
+        if partial:
+            for k in keys:
+                path, _, leaf = k.rpartition(".")
+                t = getattr(self.root.get_submodule(path) if path else self.root, leaf, None)
+                if isinstance(t, torch.Tensor) and not t.is_meta and t.data_ptr() in partial:
+                    self._partial.add(k)
         self._own_mapped(keys)
 
     def _own_mapped(self, keys: list[str]) -> None:
@@ -234,7 +241,7 @@ class ModuleLoader:
         """The tensors as this loader filled them: of a fused experts tensor holding only kept experts, the kept
         experts' slices (the others were never written and must not be read)."""
         for name, t in named_tensors:
-            if self.keep_expert is not None and not t.is_meta and t.data_ptr() in self._partial:
+            if name in self._partial and not t.is_meta:
                 for e in range(t.shape[0]):
                     if self.keep_expert(e):
                         yield f"{name}[{e}]", t[e]
@@ -244,8 +251,7 @@ class ModuleLoader:
     def release(self, prefix: str) -> None:
         """Hand a module's memory back: its tensors become meta tensors again."""
         mod = self.root.get_submodule(prefix) if prefix else self.root
-        held = {t.data_ptr() for t in mod.parameters() if not t.is_meta}
-        self._partial = [p for p in self._partial if p not in held]
+        self._partial = {k for k in self._partial if _owner(k, [prefix]) is None}
         mod.to("meta")
 
     def release_outside(self, blocks: list[str]) -> None:

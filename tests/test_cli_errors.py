@@ -113,3 +113,20 @@ def test_missing_calibration_file(tmp_path):
     msg = one_line_error(cli("quantize", "zoo:tiny-mixtral", "--out", tmp_path / "o", "--recipe", r,
                              "--calib-text", tmp_path / "none.txt"))
     assert "calibration text file" in msg and "does not exist" in msg
+
+
+@pytest.mark.parametrize("exc", ["QuantkitError", "RuntimeError"])
+def test_an_error_message_with_brackets_is_printed_not_parsed_as_markup(exc, capsys):
+    """A gloo error names its source as "[/.../pair.cc:553]": rich took it for a closing tag and the error
+    printer itself raised, so the rank died with a traceback instead of one line."""
+    import typer
+
+    from quantkit.cli import user_errors
+    from quantkit.errors import QuantkitError
+
+    err = QuantkitError if exc == "QuantkitError" else RuntimeError
+    with pytest.raises(typer.Exit):
+        with user_errors():
+            raise err("[/__w/pytorch/third_party/gloo/transport/tcp/pair.cc:553] Connection closed by peer")
+    out = capsys.readouterr().err
+    assert "[/__w/pytorch/third_party/gloo/transport/tcp/pair.cc:553] Connection closed" in out.replace("\n", "")
