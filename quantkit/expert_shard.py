@@ -11,7 +11,8 @@ the per-expert outputs and combines them exactly as the module's own implementat
 
 A rank computes expert e by calling the module's own forward on e's pairs alone, in the order the full
 call would have them, so the matmuls see the same rows in the same order (CPU kernels can round
-differently when rows move). What spans experts in smoothing (column maxima of the expert weights, the
+differently when rows move), with routing weight 1; the routing weights are applied in the combine, in
+the dtype the whole call multiplies in. What spans experts in smoothing (column maxima of the expert weights, the
 per-expert requirements) is reduced with a maximum across ranks, which is exact in any order.
 """
 from __future__ import annotations
@@ -44,8 +45,7 @@ def pairs_by_expert(top_k_index: torch.Tensor, n_experts: int, impl: str) -> dic
     """expert -> its (token, slot) pairs as flat indices token * k + slot, in the order `impl` computes them."""
     if impl == "grouped_mm":
         ids, perm = torch.sort(top_k_index.reshape(-1))  # as the grouped forward sorts them
-        flat_of = {e: perm[ids == e] for e in torch.unique(ids).tolist() if 0 <= e < n_experts}
-        return flat_of
+        return {e: perm[ids == e] for e in torch.unique(ids).tolist() if 0 <= e < n_experts}
     k = top_k_index.shape[-1]
     out = {}
     for e in torch.unique(top_k_index).tolist():
@@ -97,7 +97,7 @@ class _SplitForward:
                  top_k_weights: torch.Tensor) -> torch.Tensor:  # [T, H]
         m = self.module
         if m.gate_up_proj.dtype != hidden_states.dtype:
-            # the sub-calls return outputs cast to the input dtype, where the whole call sums in the weights'
+            # (a sub-call returns its output cast to the input dtype; the whole call keeps the weights' dtype)
             raise QuantkitError(f"experts split across ranks need inputs in the weights' dtype ({m.gate_up_proj.dtype}), "
                                 f"got {hidden_states.dtype}")
         t, k = top_k_index.shape
@@ -105,20 +105,25 @@ class _SplitForward:
         mine = {}
         for e, flat in pairs.items():
             if self.shard.owns(e):
-                tok, slot = flat // k, flat % k
-                mine[e] = self.own_forward(hidden_states[tok], torch.full_like(tok, e)[:, None].to(top_k_index.dtype),
-                                           top_k_weights[tok, slot][:, None])  # [n_e, H]
+                tok = flat // k
+                # routing weight 1 (exact): the expert's own output; the weight is applied below, in the dtype
+                # the whole call multiplies in (fp32 routing weights promote the product)
+                ones = torch.ones(len(tok), 1, dtype=hidden_states.dtype, device=hidden_states.device)
+                mine[e] = self.own_forward(hidden_states[tok], torch.full_like(top_k_index[:1, :1], e).expand(len(tok), 1),
+                                           ones)  # [n_e, H]
         outs = self.shard.share.exchange(mine)
         missing = [e for e in pairs if e not in outs]
         if missing:
             raise QuantkitError(f"expert {missing[0]} was computed by no rank (the ranks disagree on the routing)")
+        weighted = {e: outs[e] * top_k_weights[flat // k, flat % k][:, None] for e, flat in pairs.items()}
         h = hidden_states.shape[-1]
         if self.impl == "grouped_mm":
-            per_pair = hidden_states.new_zeros(t * k, h)
+            dtype = next(iter(weighted.values())).dtype if weighted else hidden_states.dtype
+            per_pair = hidden_states.new_zeros(t * k, h, dtype=dtype)
             for e, flat in pairs.items():
-                per_pair[flat] = outs[e]
+                per_pair[flat] = weighted[e]
             return per_pair.view(t, k, h).sum(dim=1).to(hidden_states.dtype)
         final = torch.zeros_like(hidden_states)
         for e in sorted(pairs):
-            final.index_add_(0, pairs[e] // k, outs[e])
+            final.index_add_(0, pairs[e] // k, weighted[e].to(final.dtype))
         return final
