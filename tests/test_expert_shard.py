@@ -29,7 +29,7 @@ class TwoRanksInOne:
         k = self.args[1].shape[-1]
         for e, flat in pairs_by_expert(self.args[1], self.module.gate_up_proj.shape[0], self.impl).items():
             if e % 2:
-                tok, slot = flat // k, flat % k
+                tok = flat // k
                 joined[e] = other.own_forward(self.args[0][tok], torch.full((len(tok), 1), e),
                                               torch.ones(len(tok), 1, dtype=self.args[0].dtype))
         return joined
