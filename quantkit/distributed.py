@@ -162,19 +162,39 @@ class RankShare:
         return expert % self.env.world_size == self.env.rank
 
     def gather(self, mine: dict[int, Any], n: int) -> list[Any]:
-        """Every rank's {expert: result} joined into the list of all n results, on every rank. Results are
-        pickled tensors (torch's own object collectives): bits travel unchanged."""
+        """Every rank's {expert: result} joined into the list of all n results, on every rank. A result is
+        nested tuples / lists of tensors (and None): its layout travels as a small object, each tensor by a
+        broadcast from its expert's rank straight into its final buffer, so a layer's codes are never held
+        pickled or twice (pickling them all at once was a rank's memory peak). Bits travel unchanged."""
         import torch.distributed as dist
 
+        tensors: dict[int, list[torch.Tensor]] = {}
+        layouts = {}
+        for e, result in mine.items():
+            tensors[e] = []
+            layouts[e] = _strip(result, tensors[e])
+        metas = {e: [(tuple(t.shape), t.dtype) for t in ts] for e, ts in tensors.items()}
         parts: list[Any] = [None] * self.env.world_size
-        dist.all_gather_object(parts, mine)
-        joined: dict[int, Any] = {}
-        for p in parts:
-            joined.update(p)
-        missing = [e for e in range(n) if e not in joined]
+        dist.all_gather_object(parts, (layouts, metas))
+        all_layouts: dict[int, Any] = {}
+        all_metas: dict[int, Any] = {}
+        for lay, met in parts:
+            all_layouts.update(lay)
+            all_metas.update(met)
+        missing = [e for e in range(n) if e not in all_layouts]
         if missing:
             raise QuantkitError(f"expert {missing[0]} was quantized by no rank (the ranks disagree on the layer)")
-        return [joined[e] for e in range(n)]
+        device = self._device()
+        out = []
+        for e in range(n):  # the same order on every rank: the broadcasts pair up
+            if e in tensors:
+                ts = [t.contiguous() for t in tensors[e]]
+            else:
+                ts = [torch.empty(shape, dtype=dtype, device=device) for shape, dtype in all_metas[e]]
+            for t in ts:
+                dist.broadcast(t, src=e % self.env.world_size)
+            out.append(_fill(all_layouts[e], ts))
+        return out
 
     def exchange(self, mine: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
         """Every rank's {expert: tensor} joined, on every rank (tensors travel through host memory)."""
@@ -238,3 +258,28 @@ class RankShare:
         import torch.distributed as dist
 
         return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+class _TensorSlot:
+    """Where a tensor sits in a gathered result's layout (quantkit.distributed.RankShare.gather)."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+
+def _strip(obj: Any, out: list[torch.Tensor]) -> Any:
+    """obj with each tensor replaced by a slot (the tensors appended to `out`, in order)."""
+    if isinstance(obj, torch.Tensor):
+        out.append(obj)
+        return _TensorSlot(len(out) - 1)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_strip(x, out) for x in obj)
+    return obj
+
+
+def _fill(layout: Any, tensors: list[torch.Tensor]) -> Any:
+    if isinstance(layout, _TensorSlot):
+        return tensors[layout.index]
+    if isinstance(layout, (tuple, list)):
+        return type(layout)(_fill(x, tensors) for x in layout)
+    return layout

@@ -107,3 +107,17 @@ def test_smoothing_terms_over_owned_experts_and_a_max_across_ranks_equal_all_exp
     assert torch.equal(eaquant_scale(g, act, per_expert, 0.5, shard=MaxOverTwo([odd_terms])), whole)
     sq = group_smoothquant_scale(act, g, 0.5)
     assert torch.equal(group_smoothquant_scale(act, g, 0.5, MaxOverTwo([odd_cols])), sq)
+
+
+def test_gathered_result_layout_round_trips():
+    """RankShare.gather sends a result's layout as an object and its tensors by broadcast: strip then fill
+    gives back the same nesting, Nones and tensors."""
+    from quantkit.distributed import _fill, _strip
+
+    a, b, c = torch.arange(3), torch.ones(2, 2, dtype=torch.bfloat16), torch.zeros(0)
+    result = ((a, b, None), (c, None, None), (b.double(), None, a), None)
+    tensors: list[torch.Tensor] = []
+    layout = _strip(result, tensors)
+    assert len(tensors) == 5 and not any(isinstance(x, torch.Tensor) for x in layout[0])
+    back = _fill(layout, tensors)
+    assert back[3] is None and back[0][2] is None and back[0][0] is a and back[2][2] is a and back[1][0] is c
