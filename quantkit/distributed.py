@@ -119,6 +119,7 @@ class PrepassStream:
         self.block_names = block_names or []
         self.entered: set[str] = set()
         self._outside_loaded = False
+        self.expert_shard = None  # set by the pipeline when this rank keeps only its experts' rows
 
     def outside(self) -> None:
         """Embeddings, norms, heads: where a calibrated walk's calls start (rank 0 checks their values)."""
@@ -142,6 +143,9 @@ class PrepassStream:
             return
         from quantkit.streaming import release_freed_memory
 
+        shard = self.expert_shard
+        if shard is not None and shard.split_keys(module, f"{name}."):
+            shard.write_rows(None, module.state_dict(prefix=f"{name}."))  # its experts' rows, into rank 0's file
         self.entered.discard(name)
         self.loader.release(name)
         release_freed_memory()
@@ -209,6 +213,14 @@ class RankShare:
             here = self._device()
             joined = {e: t.to(here) for e, t in joined.items()}
         return joined
+
+    def broadcast_object(self, obj: Any) -> Any:
+        """The main rank's `obj` on every rank (a small picklable object, e.g. where a file's tensors lie)."""
+        import torch.distributed as dist
+
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
 
     def reduce_max(self, t: torch.Tensor) -> torch.Tensor:
         """The elementwise maximum over the ranks (exact in any order)."""

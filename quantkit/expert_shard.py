@@ -14,6 +14,13 @@ call would have them, so the matmuls see the same rows in the same order (CPU ke
 differently when rows move), with routing weight 1; the routing weights are applied in the combine, in
 the dtype the whole call multiplies in. What spans experts in smoothing (column maxima of the expert weights, the
 per-expert requirements) is reduced with a maximum across ranks, which is exact in any order.
+
+With `rows_only` (a streamed walk, whose writer takes each rank's rows, see `write_rows`), the quantized
+experts stay split too: a rank fills only its experts' rows of every per-expert tensor (codes, scales,
+zero points, biases, rotations; the other rows are allocated but never written, so never resident), its
+quantized forward computes only those experts (combined as QuantExperts' own loop: index_add_ in expert
+order, each expert's tokens in token order), and at the block's write each rank puts its rows into the
+output shard at their offsets.
 """
 from __future__ import annotations
 
@@ -50,17 +57,44 @@ def pairs_by_expert(top_k_index: torch.Tensor, n_experts: int, impl: str) -> dic
     out = {}
     for e in torch.unique(top_k_index).tolist():
         if 0 <= e < n_experts:
-            slot, token = torch.where(top_k_index.T == e)  # the eager loop's where(expert_mask[e]) order
+            if impl == "token_major":  # QuantExperts' loop (kernels/reference.py): where(top_k_index == e)
+                token, slot = torch.where(top_k_index == e)
+            else:
+                slot, token = torch.where(top_k_index.T == e)  # the eager loop's where(expert_mask[e]) order
             out[e] = token * k + slot
+    return out
+
+
+def expert_rows(module: nn.Module) -> dict[str, torch.Tensor]:
+    """A QuantExperts' tensors that hold one row per expert (codes, scales, zero points, biases, per-expert
+    rotations), by their names in the module's state dict; activation quantizers' tensors are not."""
+    n = module.num_experts
+    out = {}
+    for name, t in module.state_dict(keep_vars=True).items():
+        if name.startswith(("act_in.", "act_mid.")) or t.dim() == 0 or t.shape[0] != n:
+            continue
+        out[name] = t
+    return out
+
+
+def fill_rows(rows: list[torch.Tensor | None]) -> torch.Tensor:
+    """[E, *row] with the given rows written and the missing ones (other ranks' experts) left unwritten."""
+    like = next(r for r in rows if r is not None)
+    out = torch.empty((len(rows), *like.shape), dtype=like.dtype, device=like.device)
+    for e, r in enumerate(rows):
+        if r is not None:
+            out[e] = r
     return out
 
 
 class ExpertShard:
     """This rank's experts of every fused experts module: which it owns, its forwards, the reductions."""
 
-    def __init__(self, share: Any, modules: list[nn.Module]) -> None:
+    def __init__(self, share: Any, modules: list[nn.Module], rows_only: bool = False) -> None:
         self.share = share  # quantkit.distributed.RankShare
         self.modules = modules
+        self.rows_only = rows_only  # quantized experts keep only this rank's rows (see the module docstring)
+        self._adopted: list[nn.Module] = []
 
     def owns(self, expert: int) -> bool:
         return self.share.owns(expert)
@@ -82,9 +116,53 @@ class ExpertShard:
         try:
             yield
         finally:
-            for m in self.modules:
+            for m in self.modules + self._adopted:
                 m.__dict__.pop("forward", None)
+            self._adopted = []
 
+    def adopt(self, q: nn.Module) -> None:
+        """A QuantExperts holding only this rank's rows: its forwards compute this rank's experts (per expert,
+        never a dense copy of every expert) and exchange the outputs, until `forwards` ends."""
+        q.cache_dequantized = False
+        q.forward = _SplitForward(q, type(q).forward.__get__(q), "token_major", self)
+        self._adopted.append(q)
+
+    def held(self, module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+        """A module's tensors as this rank holds them: of an adopted QuantExperts' per-expert tensors, only its
+        rows (the others are unwritten memory)."""
+        rows = expert_rows(module) if module in self._adopted else {}
+        out = []
+        for name, t in list(module.named_parameters()) + list(module.named_buffers()):
+            if name in rows:
+                out += [(f"{name}[{e}]", t[e]) for e in range(t.shape[0]) if self.owns(e)]
+            else:
+                out.append((name, t))
+        return out
+
+    def split_keys(self, module: nn.Module, prefix: str) -> dict[str, int]:
+        """State-dict keys (under `prefix`) of the per-expert tensors of `module`'s adopted QuantExperts, each
+        with its number of rows: the tensors whose rows the ranks write themselves (write_rows)."""
+        out = {}
+        for name, m in module.named_modules(prefix=prefix.rstrip(".")):
+            if m in self._adopted:
+                out.update({f"{name}.{k}": m.num_experts for k in expert_rows(m)})
+        return out
+
+    def write_rows(self, where: dict[str, tuple[str, int]] | None, state: dict[str, torch.Tensor]) -> None:
+        """Every rank's rows of the split tensors into the output file, each at its offset. The main rank
+        (whose writer laid out the file and wrote its own rows) passes `where` (key -> (file, byte offset of
+        the tensor)); the others receive it. Returns once every rank's rows are in the file."""
+        where = self.share.broadcast_object(where)
+        if not self.share.is_main:
+            for key, (path, offset) in where.items():
+                t = state[key].detach()
+                row = t[0].numel() * t.element_size()
+                with open(path, "r+b") as f:
+                    for e in range(t.shape[0]):
+                        if self.owns(e):
+                            f.seek(offset + e * row)
+                            f.write(memoryview(t[e].contiguous().reshape(-1).view(torch.uint8).numpy()))
+        self.share.barrier()
 
 class _SplitForward:
     """The forward of one experts module on one rank (see the module docstring)."""
@@ -96,12 +174,13 @@ class _SplitForward:
     def __call__(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                  top_k_weights: torch.Tensor) -> torch.Tensor:  # [T, H]
         m = self.module
-        if m.gate_up_proj.dtype != hidden_states.dtype:
+        quantized = self.impl == "token_major"  # (a QuantExperts: its output is always in the input's dtype)
+        if not quantized and m.gate_up_proj.dtype != hidden_states.dtype:
             # (a sub-call returns its output cast to the input dtype; the whole call keeps the weights' dtype)
             raise QuantkitError(f"experts split across ranks need inputs in the weights' dtype ({m.gate_up_proj.dtype}), "
                                 f"got {hidden_states.dtype}")
         t, k = top_k_index.shape
-        pairs = pairs_by_expert(top_k_index, m.gate_up_proj.shape[0], self.impl)
+        pairs = pairs_by_expert(top_k_index, m.num_experts if quantized else m.gate_up_proj.shape[0], self.impl)
         mine = {}
         for e, flat in pairs.items():
             if self.shard.owns(e):

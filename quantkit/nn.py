@@ -7,6 +7,8 @@ activation quantizer's buffers under `act.`.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -32,6 +34,17 @@ def _empty_qweight_buffers(module: nn.Module, shape: tuple[int, ...], spec: Form
         module.register_buffer(prefix + "scale", torch.ones(sshape, dtype=WEIGHT_SCALE_DTYPE))
     zero = torch.zeros(sshape, dtype=torch.uint8) if spec.kind == "int" and not spec.symmetric else None
     module.register_buffer(prefix + "zero", zero)
+
+
+def _rows_of(t: torch.Tensor, rows: Callable[[int], bool] | None) -> torch.Tensor:
+    """A copy of `t` [E, ...], or of the rows `rows` accepts (the others left unwritten)."""
+    if rows is None:
+        return t.clone()
+    out = torch.empty_like(t)
+    for e in range(t.shape[0]):
+        if rows(e):
+            out[e] = t[e]
+    return out
 
 
 def _assign(module: nn.Module, qw: QuantizedWeight, prefix: str = "") -> None:
@@ -319,17 +332,24 @@ class QuantExperts(_QuantModule):
     @classmethod
     def from_experts(cls, experts: nn.Module, wspec: FormatSpec, act_in: ActQuantizer | None = None,
                      act_mid: ActQuantizer | None = None, gate_up: QuantizedWeight | None = None,
-                     down: QuantizedWeight | None = None) -> "QuantExperts":
-        """Quantize a transformers experts module with `gate_up_proj` and `down_proj` 3-D parameters."""
+                     down: QuantizedWeight | None = None, rows: Callable[[int], bool] | None = None) -> "QuantExperts":
+        """Quantize a transformers experts module with `gate_up_proj` and `down_proj` 3-D parameters.
+
+        rows: the experts whose rows this process holds (a rank of the expert split, quantkit.expert_shard);
+        of the biases only those rows are copied, the others left unwritten, as in `gate_up` and `down`."""
         gu, dn = experts.gate_up_proj.detach(), experts.down_proj.detach()
         e, two_i, h = gu.shape
         has_bias = getattr(experts, "gate_up_proj_bias", None) is not None
-        q = cls(e, h, two_i // 2, wspec, experts.act_fn, act_in, act_mid, has_bias, gu.dtype)
+        with torch.device("meta"):  # every buffer is assigned below: no block-sized zeros on the way
+            q = cls(e, h, two_i // 2, wspec, experts.act_fn, act_in, act_mid, has_bias, gu.dtype)
         _assign(q, gate_up if gate_up is not None else cls.quantize_3d(gu, wspec), "gate_up_")
         _assign(q, down if down is not None else cls.quantize_3d(dn, wspec), "down_")
         if has_bias:
-            q.gate_up_bias = experts.gate_up_proj_bias.detach().clone()
-            q.down_bias = experts.down_proj_bias.detach().clone()
+            q.gate_up_bias = _rows_of(experts.gate_up_proj_bias.detach(), rows)
+            q.down_bias = _rows_of(experts.down_proj_bias.detach(), rows)
+        left = [n for n, b in q.named_buffers() if b.is_meta]
+        if left:
+            raise RuntimeError(f"quantized experts: buffer {left[0]} was not filled")  # (a bug, not bad input)
         return q.to(gu.device)
 
     @property

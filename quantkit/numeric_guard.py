@@ -32,9 +32,12 @@ def check_inputs_finite(calls: list, where: str) -> None:
 
 
 @torch.no_grad()
-def check_module_finite(name: str, module: nn.Module) -> None:
-    """Every float tensor of a freshly quantized layer (scales, zeros, rotations, static ranges) is finite."""
-    for tname, t in list(module.named_parameters()) + list(module.named_buffers()):
+def check_module_finite(name: str, module: nn.Module, tensors: list[tuple[str, torch.Tensor]] | None = None) -> None:
+    """Every float tensor of a freshly quantized layer (scales, zeros, rotations, static ranges) is finite
+    (`tensors`: the module's tensors as this process holds them, when not all of them)."""
+    if tensors is None:
+        tensors = list(module.named_parameters()) + list(module.named_buffers())
+    for tname, t in tensors:
         if tname.rpartition(".")[2].startswith("observed_"):
             continue  # running min/max of an observer: starts at +-inf by design, never used as a scale
         what = _bad(t)

@@ -179,6 +179,8 @@ def quantize_model(loaded: LoadedModel, recipe: Recipe, *, calib_prompts: str | 
     split_forwards = contextlib.ExitStack()
     if method.expert_shard is not None:  # each rank runs its own experts in the full-precision forwards
         split_forwards.enter_context(method.expert_shard.forwards())
+    # ... and, in a streamed walk, keeps and writes only its experts' rows of the quantized ones
+    rows_only = method.expert_shard if method.expert_shard is not None and method.expert_shard.rows_only else None
     try:
         for i, bname, block in walk:
             tb = time.perf_counter()
@@ -211,16 +213,20 @@ def quantize_model(loaded: LoadedModel, recipe: Recipe, *, calib_prompts: str | 
                 progress(bname, unit_no, len(units))
             unit_no = unit_of[i] + 1  # (a rank's share skips the others' units)
             q = None
-            if store is not None and (ranks is None or ranks.all(store.has(unit_no - 1, bname))):
-                q = store.load(unit_no - 1, bname, block)
+            here = {} if rows_only is None else {"rank": ranks.env.rank, "ranks": ranks.env.world_size}
+            if store is not None and (ranks is None or ranks.all(store.has(unit_no - 1, bname, **here))):
+                q = store.load(unit_no - 1, bname, block, **here, owns=ranks.owns if here else None)
+                if q is not None and rows_only is not None:
+                    for qmodule in q.values():
+                        if isinstance(qmodule, QuantExperts):
+                            rows_only.adopt(qmodule)
             if q is None:
                 q = _quantize_unit(method, bname, block, by_block, inputs, reached, root, calls, progress, work_dir,
                                    recipe.seed, unit_no - 1, fp_inputs)
                 for name, qmodule in q.items():
                     set_submodule(root, name, qmodule)
-                if store is not None and (ranks is None or ranks.is_main):
-                    store.save(unit_no - 1, bname, block, q, [t for t in by_block.get(bname, []) if not t.plan.skip],
-                               method.checkpoint_extras())
+                if store is not None:
+                    _keep_block(store, unit_no - 1, bname, block, q, by_block, method, ranks, rows_only)
             else:
                 # a warning, so it shows without -v: this block's result comes from an earlier (killed) run
                 log.warning("block %s: finished by an earlier run, reused from %s", bname, work_dir)
@@ -295,6 +301,19 @@ def _walk_store(work_dir: str | Path, recipe: Recipe, loaded: LoadedModel, calls
     return store if store is not None else WalkStore(work_dir, recipe, loaded, calls, fingerprint)
 
 
+def _keep_block(store: WalkStore, unit: int, bname: str, block: nn.Module, q: dict[str, nn.Module],
+                by_block: dict[str, list[LayerTask]], method: Any, ranks: Any, rows_only: Any) -> None:
+    """The finished block into the progress folder: by the main rank; with split experts' rows, every rank
+    first keeps its own rows (the block counts as finished only once the main rank's files exist)."""
+    split = rows_only.split_keys(block, "") if rows_only is not None else {}
+    if split:
+        store.save_rows(unit, ranks.env.rank, split, block, ranks.owns)
+        ranks.barrier()
+    if ranks is None or ranks.is_main:
+        store.save(unit, bname, block, q, [t for t in by_block.get(bname, []) if not t.plan.skip],
+                   method.checkpoint_extras(), split, ranks.env.world_size if split else 1)
+
+
 def _release_outside(stream: BlockStream) -> None:
     release = getattr(stream, "release_outside", None)
     if release is not None:
@@ -320,7 +339,11 @@ def _expert_shard(root: nn.Module, ranks: Any, stream: BlockStream | None, tasks
     loader = getattr(stream, "loader", None)
     if loader is not None:
         loader.keep_expert = ranks.owns
-    return ExpertShard(ranks, modules)
+    # A streamed walk's writer takes each rank's rows of the quantized experts: nobody gathers them.
+    shard = ExpertShard(ranks, modules, rows_only=hasattr(stream, "expert_shard"))
+    if shard.rows_only:
+        stream.expert_shard = shard
+    return shard
 
 
 def _stream_outside(stream: BlockStream) -> None:
@@ -343,8 +366,10 @@ def _quantize_unit(method: Any, bname: str, block: nn.Module, by_block: dict[str
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed * 100_003 + unit)
         q = method.quantize_block(ctx)
+    shard = method.expert_shard
     for name, qmodule in q.items():
-        check_module_finite(name, qmodule)
+        # (a rank that keeps only its experts' rows checks those: the others are unwritten memory)
+        check_module_finite(name, qmodule, shard.held(qmodule) if shard is not None else None)
     log.info("quantized %s (%d layers)", bname or "layers outside blocks", len(ctx.tasks))
     return q
 

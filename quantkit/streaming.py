@@ -14,7 +14,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -86,16 +86,28 @@ class _Shard:
         self.header: dict[str, Any] = {}
         self.size = 0
 
-    def add(self, key: str, t: torch.Tensor) -> None:
+    def add(self, key: str, t: torch.Tensor, rows: Callable[[int], bool] | None = None) -> tuple[str, int]:
+        """Append `t`; returns the file its bytes go to and their offset there. With `rows`, only the rows of
+        t [E, ...] it accepts are written and the others left as a hole, which other ranks fill
+        (quantkit.expert_shard.ExpertShard.write_rows) before the shard is closed."""
         if t.dtype not in _ST_DTYPES:
             raise QuantkitError(f"tensor {key} has dtype {t.dtype}, which safetensors cannot store")
         t = t.detach().contiguous().cpu()
         n = t.numel() * t.element_size()
-        if n:
+        start = (8 + self.reserve if self.reserve else 0) + self.size
+        if n and rows is None:
             self.data.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        elif n:
+            row = n // t.shape[0]
+            for e in range(t.shape[0]):
+                if rows(e):
+                    self.data.seek(start + e * row)
+                    self.data.write(memoryview(t[e].reshape(-1).view(torch.uint8).numpy()))
+            self.data.seek(start + n)
         self.header[key] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape),
                             "data_offsets": [self.size, self.size + n]}
         self.size += n
+        return str(self.data_path), start
 
     def close(self) -> None:
         head = json.dumps({"__metadata__": {"format": "pt"}, **self.header}, separators=(",", ":")).encode()
@@ -130,19 +142,27 @@ class ShardWriter:
         self.total = 0
         self.pending_bytes = 0  # kept for accounting; tensors go to disk at once
 
-    def add(self, state: dict[str, torch.Tensor]) -> None:
+    def add(self, state: dict[str, torch.Tensor], rows: dict[str, Callable[[int], bool]] | None = None
+            ) -> dict[str, tuple[str, int]]:
+        """Append `state`; `rows`: key -> the rows of that tensor this process writes (see _Shard.add). Returns
+        where those tensors lie: key -> (file, byte offset)."""
         from quantkit.io import _dedupe
 
         state, tied = _dedupe(state)
         self.tied.update(tied)
+        rows = rows or {}
+        where = {}
         for k, v in state.items():
             nbytes = v.numel() * v.element_size()
             if not self.shards or (self.shards[-1].header and self.shards[-1].size + nbytes > self.max):
                 if self.shards:
                     self.shards[-1].close()
                 self.shards.append(_Shard(self.folder, f"part-{len(self.shards):05d}.safetensors", self.reserve))
-            self.shards[-1].add(k, v)
+            at = self.shards[-1].add(k, v, rows.get(k))
+            if k in rows:
+                where[k] = at
             self.total += nbytes
+        return where
 
     def finish(self) -> list[str]:
         """Final names (STEM.safetensors, or STEM-0000i-of-0000n + STEM.safetensors.index.json, as the
@@ -208,6 +228,7 @@ class StreamSession:
                                   reserve_header=_HEADER_RESERVE if big else 0)
         self.peak_block_bytes = 0
         self._outside_loaded = False
+        self.expert_shard = None  # a rank of the expert split that keeps only its experts' rows (pipeline sets it)
 
     def outside(self) -> None:
         """Embeddings, norms, heads: read only when first needed (the first calibration forward, the layers
@@ -238,7 +259,13 @@ class StreamSession:
         self.peak_block_bytes = max(self.peak_block_bytes, nbytes)
 
     def leave(self, name: str, module: nn.Module) -> None:
-        self.writer.add(module.state_dict(prefix=f"{name}."))
+        state = module.state_dict(prefix=f"{name}.")
+        shard = self.expert_shard
+        split = shard.split_keys(module, f"{name}.") if shard is not None else {}
+        where = self.writer.add(state, {k: shard.owns for k in split})
+        if split:  # the other ranks' rows of the split experts go into the same file (quantkit.expert_shard)
+            shard.write_rows(where, state)
+        del state
         self.loader.release(name)
         for m in module.modules():  # dense dequantized copies quantized layers keep for the CPU path (nn.py)
             m.__dict__.pop("_dequant_cache", None)

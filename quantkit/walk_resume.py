@@ -115,14 +115,29 @@ class WalkStore:
     def _paths(self, unit: int) -> tuple[Path, Path]:
         return self.dir / f"{unit:05d}.safetensors", self.dir / f"{unit:05d}.json"
 
+    def _rows_path(self, unit: int, rank: int) -> Path:
+        return self.dir / f"{unit:05d}.rows-{rank}.safetensors"
+
+    def save_rows(self, unit: int, rank: int, split: dict[str, int], block: nn.Module, owns: Any) -> None:
+        """A rank's own experts' rows of the block's split tensors (quantkit.expert_shard: no rank holds the
+        others'), kept before the main rank's save of the rest makes the block count as finished."""
+        state = block.state_dict()
+        rows = {k: torch.stack([state[k][e] for e in range(n) if owns(e)]) for k, n in split.items()}
+        path = self._rows_path(unit, rank)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(rows, str(tmp))
+        os.replace(tmp, path)
+
     def save(self, unit: int, bname: str, block: nn.Module, modules: dict[str, nn.Module], tasks: list[Any],
-             extras: dict[str, Any]) -> None:
+             extras: dict[str, Any], split: dict[str, int] | None = None, ranks: int = 1) -> None:
         """Keep the quantized block: its whole state (quantized layers, norms, any quantizer a method
-        installed) and the records to rebuild its quantized modules."""
+        installed) and the records to rebuild its quantized modules. `split`: tensors whose rows each of the
+        `ranks` ranks kept itself (save_rows), left out here."""
         from quantkit.layers import layer_record
 
         by_name = {t.name: t for t in tasks}
-        state = {k: v.detach().contiguous().cpu() for k, v in block.state_dict().items()}
+        split = split or {}
+        state = {k: v.detach().contiguous().cpu() for k, v in block.state_dict().items() if k not in split}
         records = {n: layer_record(by_name[n], m) for n, m in modules.items()}
         tens, meta = self._paths(unit)
         tmp = tens.with_name(tens.name + ".tmp")
@@ -132,27 +147,37 @@ class WalkStore:
 
         tied = _dedupe(block.state_dict())[1]  # tensors shared in memory (e.g. q/k/v's one rotation), re-tied on load
         _atomic_write_json(meta, {"block": bname, "layers": records, "extras": _merge(self.earlier, extras),
-                                  "tied": tied})
+                                  "tied": tied, "rows": {"keys": sorted(split), "ranks": ranks} if split else None})
 
-    def has(self, unit: int, bname: str) -> bool:
-        """Whether an earlier run finished this block (both files, the right block)."""
-        tens, meta_file = self._paths(unit)
-        if not meta_file.is_file() or not tens.is_file():
-            return False
-        try:
-            return json.loads(meta_file.read_text()).get("block") == bname
-        except json.JSONDecodeError:
-            return False
+    def has(self, unit: int, bname: str, rank: int | None = None, ranks: int = 1) -> bool:
+        """Whether an earlier run finished this block (both files, the right block; with split rows, kept by as
+        many ranks as now, this `rank`'s rows file too)."""
+        return self._meta(unit, bname, rank, ranks) is not None
 
-    def load(self, unit: int, bname: str, block: nn.Module) -> dict[str, nn.Module] | None:
-        """The block's quantized modules from a finished earlier run, or None."""
-        from quantkit.layers import empty_quantized
-
+    def _meta(self, unit: int, bname: str, rank: int | None, ranks: int) -> dict[str, Any] | None:
         tens, meta_file = self._paths(unit)
         if not meta_file.is_file() or not tens.is_file():
             return None
-        meta = json.loads(meta_file.read_text())
+        try:
+            meta = json.loads(meta_file.read_text())
+        except json.JSONDecodeError:
+            return None
         if meta.get("block") != bname:
+            return None
+        rows = meta.get("rows")
+        if rows and (rows["ranks"] != ranks or rank is None or not self._rows_path(unit, rank).is_file()):
+            return None
+        return meta
+
+    def load(self, unit: int, bname: str, block: nn.Module, rank: int | None = None, ranks: int = 1,
+             owns: Any = None) -> dict[str, nn.Module] | None:
+        """The block's quantized modules from a finished earlier run, or None. With split rows: this rank's
+        rows filled (`owns`), the others' left as they are."""
+        from quantkit.layers import empty_quantized
+
+        tens, _ = self._paths(unit)
+        meta = self._meta(unit, bname, rank, ranks)
+        if meta is None:
             return None
         from quantkit.layers import set_submodule
 
@@ -170,6 +195,15 @@ class WalkStore:
                 from quantkit.adapters.diffusers_attention import install_processor
 
                 install_processor(self.root.get_submodule(name), rec)
+        if meta.get("rows"):
+            kept = load_file(str(self._rows_path(unit, rank)))
+            fresh = block.state_dict()  # (the rebuilt modules' buffers: this rank's rows are filled in)
+            for k in meta["rows"]["keys"]:
+                full, mine = fresh[k], iter(kept[k])
+                for e in range(full.shape[0]):
+                    if owns(e):
+                        full[e] = next(mine)
+                state[k] = full
         block.load_state_dict(state, strict=True, assign=True)
         for alias, src in meta.get("tied", {}).items():
             _tie(block, alias, src)

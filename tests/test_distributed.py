@@ -131,14 +131,19 @@ def test_eaquant_experts_split_across_ranks_equal_one_process(flags, moe8, eaqua
     assert p.returncode == 0, p.stdout + p.stderr
     assert "2 ranks" in p.stdout and "every rank walks the calibrated blocks" in p.stdout
     assert "rank 1 quantized experts [1, 3, 5, 7] of every layer (4 layers)" in p.stdout  # its half, no more
-    if "--stream" in flags:  # and it read only those experts' weights (gate_up and down of 4 layers)
+    if "--stream" in flags:  # and it read only those experts' weights (gate_up and down of 4 layers) ...
         assert "rank 1 read experts [1, 3, 5, 7] of every fused experts tensor (8 tensors)" in p.stdout, p.stdout
+        # ... and never held the other rank's quantized experts: each rank wrote its rows into the checkpoint
+        assert "rank 1 gathered the experts of 0 layers" in p.stdout, p.stdout
+    else:  # whole blocks: every rank gathers every layer's quantized experts
+        assert "rank 1 gathered the experts of 4 layers" in p.stdout, p.stdout
     _equal(tmp_path / "one", tmp_path / "two")  # smoothing folded into the norms, router alignment, experts
     assert not list(tmp_path.glob(".two.*"))
 
 
-def test_killed_rank_of_a_calibrated_run_resumes_and_equals(moe8, eaquant, tmp_path):
-    args = [moe8, *eaquant]
+@pytest.mark.parametrize("flags", [["--no-stream"], ["--stream"]])  # (streamed: each rank kept its experts' rows)
+def test_killed_rank_of_a_calibrated_run_resumes_and_equals(flags, moe8, eaquant, tmp_path):
+    args = [moe8, *eaquant, *flags]
     r = one_process(*args, "--out", tmp_path / "one")
     assert r.returncode == 0, r.stdout + r.stderr
     p = torchrun(*args, "--out", tmp_path / "two", entry=[str(HERE / "dist_kill_entry.py")],
@@ -148,6 +153,12 @@ def test_killed_rank_of_a_calibrated_run_resumes_and_equals(moe8, eaquant, tmp_p
     kept = sorted(f.name for f in (tmp_path / ".two.progress" / "walk").glob("*.json") if f.name != "run.json")
     # rank 0 kept block 0 before the ranks met in block 1; block 2 (where rank 1 died) was never finished
     assert "00000.json" in kept and "00002.json" not in kept and "00003.json" not in kept
+    rows = sorted(f.name for f in (tmp_path / ".two.progress" / "walk").glob("*.rows-*"))
+    if "--stream" in flags:  # both ranks' rows of blocks 0 and 1; rank 0's of block 2 maybe (rank 1 died first)
+        assert rows[:4] == ["00000.rows-0.safetensors", "00000.rows-1.safetensors", "00001.rows-0.safetensors",
+                            "00001.rows-1.safetensors"] and "00002.rows-1.safetensors" not in rows, rows
+    else:
+        assert not rows
     p = torchrun(*args, "--out", tmp_path / "two")
     assert p.returncode == 0, p.stdout + p.stderr
     assert f"({len(kept)} blocks reused from a killed run)" in " ".join(p.stdout.split())

@@ -17,6 +17,7 @@ from torch import nn
 
 from quantkit.adapters import adapter_for
 from quantkit.errors import QuantkitError
+from quantkit.expert_shard import fill_rows
 from quantkit.formats.qweight import QuantizedWeight
 from quantkit.formats.spec import FormatSpec
 from quantkit.layers import LayerTask, build_quantized, make_act
@@ -97,9 +98,13 @@ class _Capture:
         return torch.cat(d[name]) if d.get(name) else None
 
 
-def _stack(parts: list[QuantizedWeight], shape: tuple[int, ...], spec: FormatSpec) -> QuantizedWeight:
-    return QuantizedWeight(torch.stack([p.packed for p in parts]), torch.stack([p.scale for p in parts]),
-                           None if parts[0].zero is None else torch.stack([p.zero for p in parts]), shape, spec)
+def _stack(parts: list[tuple | None], shape: tuple[int, ...], spec: FormatSpec) -> QuantizedWeight:
+    """Experts' (codes, scales, zero points) as one [E, ...] weight; None: another rank's expert, its rows left
+    unwritten."""
+    rows = [[None if p is None else p[i] for p in parts] for i in range(3)]
+    have = next(p for p in parts if p is not None)
+    return QuantizedWeight(fill_rows(rows[0]), fill_rows(rows[1]), None if have[2] is None else fill_rows(rows[2]),
+                           tuple(shape), spec)
 
 
 def _parent(name: str) -> str:
@@ -361,6 +366,8 @@ class DuQuant(Method):
             x = torch.cat([x, extra[0]])  # extra tokens are only ever selected for experts under target
         act_in, act_mid = make_act(t.plan.activation, "experts"), make_act(t.plan.activation, "experts")
         share = self.ranks  # under torchrun: this rank's experts; the others' come from their ranks
+        # (or stay there: with rows_only this rank keeps only its experts' rows, see quantkit.expert_shard)
+        rows_only = self.expert_shard is not None and self.expert_shard.rows_only
         mine = [e for e in range(n_exp) if share is None or share.owns(e)]
         done: dict[int, tuple] = {}
         for e in track(mine, f"{t.name}: experts"):
@@ -374,15 +381,18 @@ class DuQuant(Method):
             hr, wr, _ = self._rotated(h, dn[e], p_mid)
             q_dn = self.quantize_weight(wr, spec, act_mid(hr) if act_mid is not None else hr)
             done[e] = (_codes(q_gu), _codes(q_dn), p_in, p_mid)
-        results = share.gather(done, n_exp) if share is not None else [done[e] for e in range(n_exp)]
-        q_gu = [QuantizedWeight(*r[0], tuple(gu.shape[1:]), spec) for r in results]
-        q_dn = [QuantizedWeight(*r[1], tuple(dn.shape[1:]), spec) for r in results]
-        r_in, r_mid = [r[2] for r in results], [r[3] for r in results]
-        q = QuantExperts.from_experts(m, spec, act_in, act_mid, _stack(q_gu, tuple(gu.shape), spec),
-                                      _stack(q_dn, tuple(dn.shape), spec))
+        if share is None or rows_only:
+            results = [done.get(e) for e in range(n_exp)]  # (None: another rank's expert)
+        else:
+            results = share.gather(done, n_exp)
+        q = QuantExperts.from_experts(m, spec, act_in, act_mid, _stack([r and r[0] for r in results], gu.shape, spec),
+                                      _stack([r and r[1] for r in results], dn.shape, spec),
+                                      rows=share.owns if rows_only else None)
         if self.opt["rotate"]:
-            q.rot_in = _stacked_rotation(r_in, n_exp, gu.shape[-1])
-            q.rot_mid = _stacked_rotation(r_mid, n_exp, dn.shape[-1])
+            q.rot_in = _stacked_rotation([r and r[2] for r in results], n_exp, gu.shape[-1])
+            q.rot_mid = _stacked_rotation([r and r[3] for r in results], n_exp, dn.shape[-1])
+        if rows_only:
+            self.expert_shard.adopt(q)
         q.calibration_info = info
         log.info("%s: tokens per expert %s (target %d)", t.name, info["expert_tokens"], info["token_target"])
         return q
@@ -393,8 +403,8 @@ def _codes(q: QuantizedWeight) -> tuple:
     return q.packed, q.scale, q.zero
 
 
-def _stacked_rotation(parts: list[tuple], n_exp: int, k: int) -> OnlineRotation:
-    rot1 = torch.stack([p[0] for p in parts])
-    perm = None if parts[0][1] is None else torch.stack([p[1] for p in parts])
-    rot2 = None if parts[0][2] is None else torch.stack([p[2] for p in parts])
+def _stacked_rotation(parts: list[tuple | None], n_exp: int, k: int) -> OnlineRotation:
+    have = next(p for p in parts if p is not None)
+    rot1, perm, rot2 = (None if have[i] is None else fill_rows([None if p is None else p[i] for p in parts])
+                        for i in range(3))
     return OnlineRotation.from_parts(k, rot1, perm, rot2, experts=n_exp)
