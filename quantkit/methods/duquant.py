@@ -28,7 +28,7 @@ from quantkit.progress import track
 from quantkit.quant_router import QuantRouter
 from quantkit.quantizers.clip_search import mse_clip_quantize
 from quantkit.quantizers.gptq import gptq_quantize, hessian
-from quantkit.quantizers.online_rotation import OnlineRotation
+from quantkit.quantizers.online_rotation import ROT_DTYPE, OnlineRotation, perm_dtype
 from quantkit.quantizers.rotation import RotationConfig, fit_rotation
 from quantkit.quantizers.smoothing import SmoothingStats, fold_scale, group_smoothquant_scale, norm_groups
 
@@ -404,7 +404,10 @@ def _codes(q: QuantizedWeight) -> tuple:
 
 
 def _stacked_rotation(parts: list[tuple | None], n_exp: int, k: int) -> OnlineRotation:
+    """Experts' fitted rotations as one module; None: another rank's expert, its rows left unwritten (each part
+    is cast to the stored dtype first, so those rows are never copied)."""
     have = next(p for p in parts if p is not None)
-    rot1, perm, rot2 = (None if have[i] is None else fill_rows([None if p is None else p[i] for p in parts])
+    dtypes = (ROT_DTYPE, perm_dtype(k), ROT_DTYPE)
+    rot1, perm, rot2 = (None if have[i] is None else fill_rows([None if p is None else p[i].to(dtypes[i]) for p in parts])
                         for i in range(3))
     return OnlineRotation.from_parts(k, rot1, perm, rot2, experts=n_exp)

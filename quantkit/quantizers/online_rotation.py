@@ -22,7 +22,7 @@ from quantkit.quantizers.rotation import apply_blocks, transform_rows
 ROT_DTYPE = torch.float16
 
 
-def _perm_dtype(k: int) -> torch.dtype:
+def perm_dtype(k: int) -> torch.dtype:
     return torch.int16 if k <= torch.iinfo(torch.int16).max else torch.int32
 
 
@@ -33,7 +33,7 @@ class OnlineRotation(nn.Module):
         lead = () if experts is None else (experts,)
         g = 1 if shared else k // block
         self.register_buffer("rot1", torch.zeros(*lead, g, block, block, dtype=ROT_DTYPE))
-        self.register_buffer("perm", torch.zeros(*lead, k, dtype=_perm_dtype(k)) if permute else None)
+        self.register_buffer("perm", torch.zeros(*lead, k, dtype=perm_dtype(k)) if permute else None)
         self.register_buffer("rot2", torch.zeros(*lead, g, block, block, dtype=ROT_DTYPE) if permute else None)
 
     @classmethod
@@ -45,10 +45,11 @@ class OnlineRotation(nn.Module):
         g = rot1.shape[-3]
         if g not in (1, k // b) or k % b:
             raise ValueError(f"rotation blocks {tuple(rot1.shape)} do not fit an input of {k} channels")
-        m = cls(k, b, perm is not None, experts, shared=g == 1 and k // b > 1)
+        with torch.device("meta"):  # (every buffer is assigned below)
+            m = cls(k, b, perm is not None, experts, shared=g == 1 and k // b > 1)
         m.rot1 = rot1.to(ROT_DTYPE).contiguous()
         if perm is not None:
-            m.perm = perm.to(_perm_dtype(k)).contiguous()
+            m.perm = perm.to(perm_dtype(k)).contiguous()
             m.rot2 = rot2.to(ROT_DTYPE).contiguous()
         return m
 
