@@ -4,7 +4,8 @@ checkpoint bit for bit).
 Independent blocks: every rank quantizes its share of the blocks into the progress folder, then rank 0
 runs the single-process command, which reuses them and writes the checkpoint. Calibrated methods:
 rank 0 runs the single-process command and the others walk beside it, each doing its share of every
-MoE layer's experts (duquant, eaquant) or of the calibration calls (rtn's static ranges); rank 0 writes."""
+MoE layer's experts (duquant, eaquant) or of the calibration calls (rtn's static ranges); rank 0 writes
+(and, in a streamed expert split, each rank its experts' rows of the same files)."""
 from __future__ import annotations
 
 import contextlib

@@ -10,9 +10,12 @@ Three splits, each giving the single-process checkpoint bit for bit:
   every rank walks the blocks on the same calibration calls; what spans experts (smoothing statistics
   and their maximum over experts, router alignment, token counts) is computed on every rank from all the
   tokens, so it is exact, not a per-rank approximation; the per-expert work (rotation search, clipping
-  search or GPTQ) is split by expert (e % world_size == rank) and gathered (RankShare), so every rank
-  holds the same quantized block and carries the same activations into the next one. Rank 0 writes the
-  checkpoint and the progress folder; whether a block is reused from a killed run is agreed by all ranks.
+  search or GPTQ) is split by expert (e % world_size == rank). In a streamed walk each rank keeps only its
+  experts' rows of the quantized experts, runs them in the quantized block's forward and writes them into
+  the shards rank 0 lays out (quantkit.expert_shard); otherwise they are gathered (RankShare.gather), so
+  every rank holds the same quantized block. Either way every rank carries the same activations into the
+  next block. Rank 0 writes the rest of the checkpoint and the progress folder (each rank its own rows);
+  whether a block is reused from a killed run is agreed by all ranks.
 - Calibrated methods whose statistics are exact reductions over calls (RTN with static activation ranges:
   a min and a max, `Method.data_parallel`): the calibration calls are split across ranks (call k on rank
   k % world_size), each rank carries its calls through the blocks, and the observed ranges are reduced
@@ -200,18 +203,36 @@ class RankShare:
             out.append(_fill(all_layouts[e], ts))
         return out
 
-    def exchange(self, mine: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
-        """Every rank's {expert: tensor} joined, on every rank (tensors travel through host memory)."""
+    def exchange(self, mine: dict[int, torch.Tensor], rows: dict[int, int], like: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Every rank's {expert: output [rows[e], H]} joined, on every rank. Every rank knows every expert's
+        row count (the routing is computed on every rank from the same tokens), so a rank's outputs travel
+        as one tensor, broadcast from it into a buffer of the right size on the others: tensor collectives
+        (gloo on CPU, NCCL on GPUs), nothing pickled. `like` gives the outputs' dtype, width and device."""
         import torch.distributed as dist
 
-        parts: list[Any] = [None] * self.env.world_size
-        dist.all_gather_object(parts, {e: t.cpu() for e, t in mine.items()})
+        world, device = self.env.world_size, self._device()
+        h = like.shape[-1]
         joined: dict[int, torch.Tensor] = {}
-        for p in parts:
-            joined.update(p)
-        if dist.get_backend() == "nccl":
-            here = self._device()
-            joined = {e: t.to(here) for e, t in joined.items()}
+        for r in range(world):  # the same order on every rank: the broadcasts pair up
+            experts = [e for e in sorted(rows) if e % world == r]
+            n = sum(rows[e] for e in experts)
+            if r == self.env.rank:
+                for e in experts:
+                    if e not in mine:
+                        raise QuantkitError(f"expert {e} has tokens but its rank computed no output for it")
+                    if mine[e].dtype != like.dtype or tuple(mine[e].shape) != (rows[e], h):
+                        raise QuantkitError(f"expert {e}'s output is {mine[e].dtype} {tuple(mine[e].shape)}, "
+                                            f"expected {like.dtype} {(rows[e], h)} (the outputs travel in one dtype)")
+                buf = torch.cat([mine[e] for e in experts]).to(device) if experts else None
+            else:
+                buf = torch.empty(n, h, dtype=like.dtype, device=device)
+            if n == 0:
+                continue
+            dist.broadcast(buf, src=r)
+            if r == self.env.rank:
+                joined.update((e, mine[e]) for e in experts)
+            else:
+                joined.update((e, part.to(like.device)) for e, part in zip(experts, buf.split([rows[e] for e in experts])))
         return joined
 
     def broadcast_object(self, obj: Any) -> Any:

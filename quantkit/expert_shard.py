@@ -190,7 +190,7 @@ class _SplitForward:
                 ones = torch.ones(len(tok), 1, dtype=hidden_states.dtype, device=hidden_states.device)
                 mine[e] = self.own_forward(hidden_states[tok], torch.full_like(top_k_index[:1, :1], e).expand(len(tok), 1),
                                            ones)  # [n_e, H]
-        outs = self.shard.share.exchange(mine)
+        outs = self.shard.share.exchange(mine, {e: len(flat) for e, flat in pairs.items()}, hidden_states[:0])
         missing = [e for e in pairs if e not in outs]
         if missing:
             raise QuantkitError(f"expert {missing[0]} was computed by no rank (the ranks disagree on the routing)")

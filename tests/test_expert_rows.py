@@ -49,12 +49,15 @@ class TwoRanks:
     def owns(self, e: int) -> bool:
         return e % 2 == 0
 
-    def exchange(self, mine: dict) -> dict:
+    def exchange(self, mine: dict, rows: dict, like: torch.Tensor) -> dict:
         assert all(e % 2 == 0 for e in mine)
+        # what a real exchange relies on: every expert's row count known to every rank, one dtype and width
+        assert all(mine[e].shape == (rows[e], like.shape[-1]) and mine[e].dtype == like.dtype for e in mine)
         x, idx = self.args
         k = idx.shape[-1]
         joined = dict(mine)
         for e, flat in pairs_by_expert(idx, self.whole.num_experts, "token_major").items():
+            assert rows[e] == len(flat)
             if e % 2:
                 tok = flat // k
                 joined[e] = self.whole(x[tok], torch.full((len(tok), 1), e), torch.ones(len(tok), 1, dtype=x.dtype))

@@ -22,12 +22,15 @@ class TwoRanksInOne:
     def owns(self, e: int) -> bool:
         return e % 2 == 0
 
-    def exchange(self, mine: dict) -> dict:
+    def exchange(self, mine: dict, rows: dict, like: torch.Tensor) -> dict:
         assert all(e % 2 == 0 for e in mine)
+        # what a real exchange relies on: every expert's row count known to every rank, one dtype and width
+        assert all(mine[e].shape == (rows[e], like.shape[-1]) and mine[e].dtype == like.dtype for e in mine)
         other = _SplitForward(self.module, type(self.module).forward.__get__(self.module), self.impl, self.rank1)
         joined = dict(mine)
         k = self.args[1].shape[-1]
         for e, flat in pairs_by_expert(self.args[1], self.module.gate_up_proj.shape[0], self.impl).items():
+            assert rows[e] == len(flat)
             if e % 2:
                 tok = flat // k
                 joined[e] = other.own_forward(self.args[0][tok], torch.full((len(tok), 1), e),
