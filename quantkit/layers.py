@@ -177,9 +177,17 @@ def build_quantized(task: LayerTask, weights: Any = None) -> nn.Module:
 
 
 def empty_quantized(module: nn.Module, kind: str, wspec: FormatSpec, act: ActivationConfig | None,
-                    record: dict[str, Any] | None = None) -> nn.Module:
+                    record: dict[str, Any] | None = None, on_meta: bool = False) -> nn.Module:
     """An unfilled quantized module with `module`'s geometry (for loading a checkpoint);
-    `record` (its quantization.json entry) adds the online rotations it was saved with."""
+    `record` (its quantization.json entry) adds the online rotations it was saved with.
+    on_meta (fused experts only): its tensors on the meta device, every one to be assigned by the caller
+    (a rank of the expert split fills only its rows: no zeroed copy of every expert on the way)."""
+    if on_meta:
+        if kind != "experts":
+            raise ValueError(f"on_meta is for fused experts, not {kind!r}")
+        act_in, act_mid = make_act(act, kind), make_act(act, kind)  # (their non-persistent buffers stay real)
+        with torch.device("meta"):
+            return attach_empty_rotations(empty_experts(module, wspec, act_in, act_mid), record)
     if kind == "linear":
         return attach_empty_rotations(QuantLinear(module.in_features, module.out_features, module.bias is not None,
                                                   wspec, make_act(act, kind), module.weight.dtype), record)

@@ -182,11 +182,14 @@ class WalkStore:
         from quantkit.layers import set_submodule
 
         state = {k: v.clone() for k, v in load_file(str(tens)).items()}
+        split = meta["rows"]["keys"] if meta.get("rows") else []
         out: dict[str, nn.Module] = {}
         for name, rec in meta["layers"].items():
             orig = self.root.get_submodule(name)
             act = ActivationConfig.from_dict(rec["activation"])
-            out[name] = empty_quantized(orig, rec["kind"], FormatSpec.from_dict(rec["weight"]), act, rec).eval()
+            rel = name[len(bname) + 1:] + "."  # (the split keys are the block's state-dict keys)
+            out[name] = empty_quantized(orig, rec["kind"], FormatSpec.from_dict(rec["weight"]), act, rec,
+                                        on_meta=any(k.startswith(rel) for k in split)).eval()
             if rec.get("calibration"):  # what layers.layer_record reads back (e.g. EAQuant's token counts)
                 out[name].calibration_info = rec["calibration"]
             set_submodule(self.root, name, out[name])
@@ -195,16 +198,21 @@ class WalkStore:
                 from quantkit.adapters.diffusers_attention import install_processor
 
                 install_processor(self.root.get_submodule(name), rec)
-        if meta.get("rows"):
+        if split:
             kept = load_file(str(self._rows_path(unit, rank)))
-            fresh = block.state_dict()  # (the rebuilt modules' buffers: this rank's rows are filled in)
-            for k in meta["rows"]["keys"]:
-                full, mine = fresh[k], iter(kept[k])
+            fresh = block.state_dict()  # (the rebuilt experts' tensors, on meta: their shapes and dtypes)
+            for k in split:
+                # this rank's rows written, the others' left unwritten (never resident), as in the run that saved them
+                full, mine = torch.empty(fresh[k].shape, dtype=fresh[k].dtype), iter(kept[k])
                 for e in range(full.shape[0]):
                     if owns(e):
                         full[e] = next(mine)
                 state[k] = full
         block.load_state_dict(state, strict=True, assign=True)
+        left = [f"{name}.{n}" for name, m in out.items() for n, t in list(m.named_parameters()) + list(m.named_buffers())
+                if t.is_meta]
+        if left:
+            raise RuntimeError(f"block {bname}: {left[0]} was not filled from {tens}")  # (a bug, not bad input)
         for alias, src in meta.get("tied", {}).items():
             _tie(block, alias, src)
         # merged, not replaced: under torchrun neighbouring units come from different ranks (quantkit.distributed)
