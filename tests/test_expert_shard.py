@@ -124,3 +124,26 @@ def test_gathered_result_layout_round_trips():
     assert len(tensors) == 5 and not any(isinstance(x, torch.Tensor) for x in layout[0])
     back = _fill(layout, tensors)
     assert back[3] is None and back[0][2] is None and back[0][0] is a and back[2][2] is a and back[1][0] is c
+
+
+def test_exchange_in_a_real_process_group_returns_each_experts_output_and_refuses_a_dtype_mismatch(tmp_path):
+    """RankShare.exchange under gloo (one rank: its own outputs come back as they are, and the checks that
+    keep the ranks' broadcasts paired hold); the 2-rank path runs in tests/test_distributed.py."""
+    import torch.distributed as dist
+
+    from quantkit.distributed import DistEnv, RankShare
+    from quantkit.errors import QuantkitError
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        share = RankShare(DistEnv(0, 1, 0))
+        like = torch.zeros(0, 16, dtype=torch.bfloat16)
+        mine = {0: torch.randn(3, 16).bfloat16(), 2: torch.randn(5, 16).bfloat16()}
+        got = share.exchange(mine, {0: 3, 2: 5}, like)
+        assert set(got) == {0, 2} and all(torch.equal(got[e], mine[e]) for e in mine)
+        with pytest.raises(QuantkitError, match="expected torch.bfloat16"):
+            share.exchange({0: mine[0].float(), 2: mine[2]}, {0: 3, 2: 5}, like)
+        with pytest.raises(QuantkitError, match="expert 2 has tokens"):
+            share.exchange({0: mine[0]}, {0: 3, 2: 5}, like)
+    finally:
+        dist.destroy_process_group()
