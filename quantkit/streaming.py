@@ -65,9 +65,9 @@ def _refuse_prequantized(folder: Path) -> None:
                             f"{qcfg.get('quant_method')!r}): its tensors are its quantizer's; run without --stream")
 
 
-_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-              torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
+ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+             torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+             torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
 
 
 class _Shard:
@@ -90,7 +90,7 @@ class _Shard:
         """Append `t`; returns the file its bytes go to and their offset there. With `rows`, only the rows of
         t [E, ...] it accepts are written and the others left as a hole, which other ranks fill
         (quantkit.expert_shard.ExpertShard.write_rows) before the shard is closed."""
-        if t.dtype not in _ST_DTYPES:
+        if t.dtype not in ST_DTYPES:
             raise QuantkitError(f"tensor {key} has dtype {t.dtype}, which safetensors cannot store")
         t = t.detach().contiguous().cpu()
         n = t.numel() * t.element_size()
@@ -104,7 +104,7 @@ class _Shard:
                     self.data.seek(start + e * row)
                     self.data.write(memoryview(t[e].reshape(-1).view(torch.uint8).numpy()))
             self.data.seek(start + n)
-        self.header[key] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape),
+        self.header[key] = {"dtype": ST_DTYPES[t.dtype], "shape": list(t.shape),
                             "data_offsets": [self.size, self.size + n]}
         self.size += n
         return str(self.data_path), start

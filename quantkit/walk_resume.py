@@ -18,11 +18,13 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from quantkit.adapters.base import CallArgs
 from quantkit.config import ActivationConfig, Recipe
+from quantkit.errors import QuantkitError
 from quantkit.formats.spec import FormatSpec
 
 log = logging.getLogger(__name__)
@@ -122,10 +124,9 @@ class WalkStore:
         """A rank's own experts' rows of the block's split tensors (quantkit.expert_shard: no rank holds the
         others'), kept before the main rank's save of the rest makes the block count as finished."""
         state = block.state_dict()
-        rows = {k: torch.stack([state[k][e] for e in range(n) if owns(e)]) for k, n in split.items()}
         path = self._rows_path(unit, rank)
         tmp = path.with_name(path.name + ".tmp")
-        save_file(rows, str(tmp))
+        _save_own_rows(tmp, {k: state[k] for k in split}, owns)
         os.replace(tmp, path)
 
     def save(self, unit: int, bname: str, block: nn.Module, modules: dict[str, nn.Module], tasks: list[Any],
@@ -199,15 +200,16 @@ class WalkStore:
 
                 install_processor(self.root.get_submodule(name), rec)
         if split:
-            kept = load_file(str(self._rows_path(unit, rank)))
             fresh = block.state_dict()  # (the rebuilt experts' tensors, on meta: their shapes and dtypes)
-            for k in split:
-                # this rank's rows written, the others' left unwritten (never resident), as in the run that saved them
-                full, mine = torch.empty(fresh[k].shape, dtype=fresh[k].dtype), iter(kept[k])
-                for e in range(full.shape[0]):
-                    if owns(e):
-                        full[e] = next(mine)
-                state[k] = full
+            with safe_open(str(self._rows_path(unit, rank)), framework="pt") as kept:
+                for k in split:
+                    # this rank's rows read one by one into place, the others' left unwritten (never resident),
+                    # as in the run that saved them
+                    full, mine, i = torch.empty(fresh[k].shape, dtype=fresh[k].dtype), kept.get_slice(k), 0
+                    for e in range(full.shape[0]):
+                        if owns(e):
+                            full[e], i = mine[i], i + 1
+                    state[k] = full
         block.load_state_dict(state, strict=True, assign=True)
         left = [f"{name}.{n}" for name, m in out.items() for n, t in list(m.named_parameters()) + list(m.named_buffers())
                 if t.is_meta]
@@ -244,3 +246,27 @@ def _unshare(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out[k] = v.clone() if key in seen and v.numel() else v
         seen.add(key)
     return out
+
+
+def _save_own_rows(path: Path, tensors: dict[str, torch.Tensor], owns: Any) -> None:
+    """A safetensors file of each tensor's rows this rank owns ([n_own, ...]), written row by row from the
+    tensor itself: no stacked copy of a rank's quantized experts on the way."""
+    from quantkit.streaming import ST_DTYPES
+
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for k, t in tensors.items():
+        if t.dtype not in ST_DTYPES:
+            raise QuantkitError(f"tensor {k} has dtype {t.dtype}, which safetensors cannot store")
+        n_own = sum(1 for e in range(t.shape[0]) if owns(e))
+        nbytes = n_own * t[0].numel() * t.element_size()
+        header[k] = {"dtype": ST_DTYPES[t.dtype], "shape": [n_own, *t.shape[1:]], "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * ((-len(head)) % 8)  # (tensor bytes 8-aligned, as safetensors writes them)
+    with open(path, "wb") as f:
+        f.write(len(head).to_bytes(8, "little") + head)
+        for t in tensors.values():  # (the same order as the header's offsets)
+            for e in range(t.shape[0]):
+                if owns(e):
+                    f.write(memoryview(t[e].detach().contiguous().reshape(-1).view(torch.uint8).numpy()))

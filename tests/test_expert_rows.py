@@ -133,3 +133,23 @@ def test_rows_of_two_ranks_written_into_one_shard_load_as_the_whole_tensor(reser
     back = load_file(str(tmp_path / "part.safetensors"))
     assert torch.equal(back["c"], codes) and torch.equal(back["s"], scales)
     assert torch.equal(back["before"], before) and torch.equal(back["after"], after)
+
+
+def test_a_ranks_rows_file_holds_exactly_its_rows_in_order(tmp_path):
+    """The progress folder's NNNNN.rows-R file (written row by row, no stacked copy) reads back with safetensors
+    as the rank's rows stacked, for every dtype a quantized experts module stores."""
+    from quantkit.walk_resume import _save_own_rows
+
+    torch.manual_seed(0)
+    tensors = {"gate_up_qweight": torch.randint(0, 256, (5, 6, 3), dtype=torch.uint8),
+               "gate_up_scale": torch.randn(5, 6, 1).half(),
+               "rot_in.perm": torch.stack([torch.randperm(7) for _ in range(5)]).to(torch.int16),
+               "rot_in.rot1": torch.randn(5, 1, 4, 4).bfloat16(),
+               "down_bias": torch.randn(5, 3)}
+    for owns in (lambda e: e % 2 == 1, lambda e: e % 3 == 0):
+        _save_own_rows(tmp_path / "rows.safetensors", tensors, owns)
+        got = load_file(str(tmp_path / "rows.safetensors"))
+        assert set(got) == set(tensors)
+        for k, t in tensors.items():
+            want = torch.stack([t[e] for e in range(5) if owns(e)])
+            assert got[k].dtype == t.dtype and torch.equal(got[k], want), k
