@@ -164,6 +164,7 @@ class ExpertShard:
                             f.write(memoryview(t[e].contiguous().reshape(-1).view(torch.uint8).numpy()))
         self.share.barrier()
 
+
 class _SplitForward:
     """The forward of one experts module on one rank (see the module docstring)."""
 
